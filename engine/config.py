@@ -1,0 +1,38 @@
+"""Engine settings, with defaults fit for the embedded model on a small CPU machine."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+GiB = 1 << 30
+
+
+@dataclass
+class EngineConfig:
+    """How big the KV pool is and how much work one step may carry.
+
+    The pool is sized by ``num_kv_blocks`` if given, else by ``kv_cache_bytes`` (default 1 GiB
+    on CPU; on CUDA ``gpu_memory_fraction`` of the memory free after loading the weights).
+    """
+
+    block_size: int = 16
+    num_kv_blocks: int | None = None
+    kv_cache_bytes: int | None = None
+    gpu_memory_fraction: float = 0.8
+    max_num_batched_tokens: int = 1024
+    max_num_seqs: int = 64
+    max_model_len: int | None = None
+    enable_prefix_caching: bool = True
+    check_integrity: bool = False  # assert pool/scheduler invariants after every step (tests)
+
+    def validate(self) -> None:
+        if self.block_size not in (8, 16, 32, 64, 128):
+            raise ValueError(f"block_size must be one of 8, 16, 32, 64, 128; got {self.block_size}")
+        for name in ("num_kv_blocks", "kv_cache_bytes", "max_model_len"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"{name} must be positive, got {value}")
+        if self.max_num_batched_tokens <= 0 or self.max_num_seqs <= 0:
+            raise ValueError("max_num_batched_tokens and max_num_seqs must be positive")
+        if not 0.0 < self.gpu_memory_fraction <= 1.0:
+            raise ValueError("gpu_memory_fraction must be in (0, 1]")

@@ -1,0 +1,262 @@
+"""The synchronous engine: admit requests, run steps, hand back output deltas.
+
+One ``step`` = schedule -> one packed forward pass -> sample -> detokenize/stop. Not
+thread-safe; ``AsyncEngine`` drives it from one thread.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from engine.config import GiB, EngineConfig
+from engine.detokenizer import IncrementalDetokenizer, TextOutput
+from engine.errors import InvalidRequestError
+from engine.fingerprint import model_fingerprint
+from engine.kv_cache_manager import KVCacheManager
+from engine.model_loader import LoadedModel
+from engine.model_runner import KV_LAYOUT, ModelRunner, SeqChunk, kv_shape_of
+from engine.outputs import RequestOutput, TokenLogprob
+from engine.request import Request, RequestStatus
+from engine.sampler import SamplingRow, sample
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler
+
+
+@dataclass
+class _RequestState:
+    """Per-request state that lives outside the scheduler: text and RNG."""
+
+    request: Request
+    detokenizer: IncrementalDetokenizer
+    text: TextOutput
+    generator: torch.Generator | None
+
+
+class LLMEngine:
+    """Owns the model runner, KV cache manager and scheduler for one model."""
+
+    def __init__(self, loaded: LoadedModel, config: EngineConfig | None = None) -> None:
+        self.config = config or EngineConfig()
+        self.config.validate()
+        self.loaded = loaded
+        self.tokenizer = loaded.tokenizer
+        kv_shape = kv_shape_of(loaded.config)
+        block_size = self.config.block_size
+        num_blocks = self._num_blocks(kv_shape.bytes_per_block(block_size, loaded.dtype))
+        self.fingerprint = model_fingerprint(
+            loaded.architecture,
+            loaded.weights_digest,
+            loaded.dtype,
+            block_size,
+            KV_LAYOUT,
+            (kv_shape.num_layers, 2, block_size, kv_shape.num_kv_heads, kv_shape.head_dim),
+        )
+        self.runner = ModelRunner(loaded, num_blocks, block_size)
+        self.kv_manager = KVCacheManager(
+            num_blocks, block_size, self.config.enable_prefix_caching, self.fingerprint.encode()
+        )
+        self.scheduler = Scheduler(
+            self.kv_manager, self.config.max_num_batched_tokens, self.config.max_num_seqs
+        )
+        model_max = getattr(loaded.config, "max_position_embeddings", None) or 1 << 30
+        self.max_model_len = min(
+            self.config.max_model_len or model_max, model_max, num_blocks * block_size
+        )
+        self.eos_token_ids = loaded.eos_token_ids()
+        self.vocab_size = int(loaded.config.vocab_size)
+        self._states: dict[str, _RequestState] = {}
+        self.num_steps = 0
+
+    def _num_blocks(self, bytes_per_block: int) -> int:
+        if self.config.num_kv_blocks is not None:
+            return self.config.num_kv_blocks
+        budget = self.config.kv_cache_bytes
+        if budget is None and self.loaded.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.loaded.device)
+            budget = int(free * self.config.gpu_memory_fraction)
+        budget = budget or GiB
+        return max(1, budget // bytes_per_block)
+
+    # -- requests ----------------------------------------------------------------------------
+
+    def tokenize(self, prompt: str) -> list[int]:
+        return list(self.tokenizer.encode(prompt, add_special_tokens=False))
+
+    def apply_chat_template(self, messages: list[dict[str, Any]], **kwargs: Any) -> list[int]:
+        """Token ids of a chat, ending with the assistant's generation prompt."""
+        ids = self.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True, return_dict=False, **kwargs
+        )
+        if isinstance(ids, dict) or hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        return list(ids)
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        cache_salt: str = "",
+    ) -> Request:
+        """Validate and queue a request. Raises InvalidRequestError and changes nothing if the
+        request is malformed (empty or over-long prompt, bad token ids, bad sampling values,
+        duplicate id)."""
+        params = params or SamplingParams()
+        params.validate()
+        if request_id in self._states:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        token_ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+        self._validate_prompt(token_ids)
+        request = Request(
+            request_id=request_id,
+            prompt_token_ids=token_ids,
+            sampling_params=params,
+            cache_salt=cache_salt,
+            eos_token_ids=self.eos_token_ids,
+        )
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator(device=self.runner.device).manual_seed(params.seed)
+        self._states[request_id] = _RequestState(
+            request,
+            IncrementalDetokenizer(self.tokenizer, token_ids),
+            TextOutput(params.stop, params.include_stop_str_in_output),
+            generator,
+        )
+        self.scheduler.add_request(request)
+        return request
+
+    def _validate_prompt(self, token_ids: list[int]) -> None:
+        if not token_ids:
+            raise InvalidRequestError("the prompt is empty")
+        if len(token_ids) >= self.max_model_len:
+            raise InvalidRequestError(
+                f"the prompt has {len(token_ids)} tokens, but this engine's context limit is "
+                f"{self.max_model_len} tokens (prompt plus at least one generated token)"
+            )
+        if not all(isinstance(t, int) and 0 <= t < self.vocab_size for t in token_ids):
+            raise InvalidRequestError(f"prompt token ids must be integers in [0, {self.vocab_size})")
+
+    def abort_request(self, request_id: str) -> bool:
+        """Stop a request and free its blocks; False if it is unknown or already finished."""
+        state = self._states.pop(request_id, None)
+        if state is None:
+            return False
+        self.scheduler.finish(state.request, RequestStatus.FINISHED_ABORTED)
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    # -- the step ----------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduler step and return an output for every request that sampled."""
+        schedule = self.scheduler.schedule()
+        if not schedule.scheduled:
+            return []
+        chunks = [
+            SeqChunk(
+                token_ids=request.all_token_ids[
+                    request.num_computed_tokens : request.num_computed_tokens + num_new
+                ],
+                start_pos=request.num_computed_tokens,
+                block_ids=self.kv_manager.get_block_ids(request.request_id),
+                needs_logits=request.num_computed_tokens + num_new == request.num_tokens,
+            )
+            for request, num_new in schedule.scheduled
+        ]
+        logits = self.runner.execute(chunks)
+        to_sample = self.scheduler.update_after_step(schedule)
+        rows = [self._sampling_row(request) for request in to_sample]
+        outputs = [
+            self._process_token(request, token_id, logprob)
+            for request, (token_id, logprob) in zip(to_sample, sample(logits, rows), strict=True)
+        ]
+        self.num_steps += 1
+        if self.config.check_integrity:
+            self.check_integrity()
+        return outputs
+
+    def _sampling_row(self, request: Request) -> SamplingRow:
+        params = request.sampling_params
+        banned: list[int] = []
+        if request.num_output_tokens < params.min_tokens:
+            banned = sorted({*request.eos_token_ids, *params.stop_token_ids})
+        return SamplingRow(params, self._states[request.request_id].generator, banned)
+
+    def _process_token(
+        self, request: Request, token_id: int, logprob: TokenLogprob | None
+    ) -> RequestOutput:
+        state = self._states[request.request_id]
+        params = request.sampling_params
+        request.append_output_token(token_id)
+        new_text = state.text.add(state.detokenizer.append(token_id))
+        status = self._stop_status(request, token_id, state.text)
+        if status is not None:
+            new_text += state.text.flush()
+            self.scheduler.finish(request, status)
+            del self._states[request.request_id]
+        return RequestOutput(
+            request_id=request.request_id,
+            new_token_ids=[token_id],
+            new_text=new_text,
+            finished=status is not None,
+            finish_reason=status.value if status is not None else None,
+            stop_reason=request.stop_reason,
+            num_prompt_tokens=request.num_prompt_tokens,
+            num_cached_tokens=max(0, request.num_cached_tokens),
+            num_output_tokens=request.num_output_tokens,
+            logprobs=[logprob] if logprob is not None else None if params.logprobs is None else [],
+        )
+
+    def _stop_status(self, request: Request, token_id: int, text: TextOutput) -> RequestStatus | None:
+        params = request.sampling_params
+        if request.num_output_tokens >= params.min_tokens:
+            if token_id in params.stop_token_ids:
+                request.stop_reason = token_id
+                return RequestStatus.FINISHED_STOPPED
+            if not params.ignore_eos and token_id in request.eos_token_ids:
+                return RequestStatus.FINISHED_STOPPED
+            if text.stopped_by is not None:
+                request.stop_reason = text.stopped_by
+                return RequestStatus.FINISHED_STOPPED
+        if request.num_output_tokens >= params.max_tokens or request.num_tokens >= self.max_model_len:
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+    # -- conveniences ------------------------------------------------------------------------
+
+    def generate(
+        self, prompts: list[str | list[int]], params: SamplingParams | None = None
+    ) -> list[RequestOutput]:
+        """Run prompts to completion; one aggregated output per prompt, in order."""
+        ids = [f"generate-{self.num_steps}-{idx}" for idx in range(len(prompts))]
+        for request_id, prompt in zip(ids, prompts, strict=True):
+            self.add_request(request_id, prompt, params)
+        merged: dict[str, RequestOutput] = {}
+        while self.has_unfinished_requests():
+            for out in self.step():
+                merged[out.request_id] = merge_outputs(merged.get(out.request_id), out)
+        return [merged[request_id] for request_id in ids]
+
+    def check_integrity(self) -> None:
+        self.scheduler.check_integrity()
+        live = {r.request_id for r in (*self.scheduler.running, *self.scheduler.waiting)}
+        assert live == set(self._states), "engine request states drifted from the scheduler"
+
+
+def merge_outputs(previous: RequestOutput | None, delta: RequestOutput) -> RequestOutput:
+    """Fold a delta into the accumulated output of the same request."""
+    if previous is None:
+        return RequestOutput(**{f: getattr(delta, f) for f in RequestOutput.__slots__})
+    previous.new_token_ids = previous.new_token_ids + delta.new_token_ids
+    previous.new_text += delta.new_text
+    if delta.logprobs is not None:
+        previous.logprobs = (previous.logprobs or []) + delta.logprobs
+    for name in ("finished", "finish_reason", "stop_reason", "num_output_tokens", "error"):
+        setattr(previous, name, getattr(delta, name))
+    return previous

@@ -1,0 +1,157 @@
+"""Continuous batching under one token budget per step, with chunked prefill and preemption.
+
+Pure bookkeeping: no torch. There are no prefill/decode phases: each step gives every running
+request what it still needs (one token for a decode, a chunk of the prompt for a prefill) while
+the token budget lasts, then admits waiting requests. When blocks run out, the most recently
+admitted running request is preempted: its blocks are freed (its full blocks stay in the prefix
+cache until evicted) and it goes back to the head of the waiting queue to be recomputed.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import NamedTuple
+
+from engine.kv_cache_manager import KVCacheManager
+from engine.request import Request, RequestStatus
+
+
+class ScheduledRequest(NamedTuple):
+    request: Request
+    num_new_tokens: int  # tokens computed for this request in this step
+
+
+class SchedulerOutput(NamedTuple):
+    scheduled: list[ScheduledRequest]  # batch order
+    preempted: list[Request]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(item.num_new_tokens for item in self.scheduled)
+
+
+class Scheduler:
+    """Decides which tokens of which requests run in the next model step.
+
+    Contract: after ``schedule`` every scheduled request holds blocks for all its
+    ``num_computed_tokens + num_new_tokens`` tokens. The caller runs the model, then calls
+    ``update_after_step`` (which advances ``num_computed_tokens``) and ``finish`` for requests
+    that stopped.
+    """
+
+    def __init__(
+        self,
+        kv_manager: KVCacheManager,
+        max_num_batched_tokens: int,
+        max_num_seqs: int,
+    ) -> None:
+        if max_num_batched_tokens <= 0 or max_num_seqs <= 0:
+            raise ValueError("max_num_batched_tokens and max_num_seqs must be positive")
+        self.kv_manager = kv_manager
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_num_seqs = max_num_seqs
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+
+    def add_request(self, request: Request) -> None:
+        request.status = RequestStatus.WAITING
+        self.waiting.append(request)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.max_num_batched_tokens
+        scheduled: list[ScheduledRequest] = []
+        preempted: list[Request] = []
+        idx = 0
+        while idx < len(self.running) and budget > 0:
+            request = self.running[idx]
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            if not self._allocate_or_preempt(request, num_new, preempted):
+                break  # the request itself was preempted: nothing after it is running
+            scheduled.append(ScheduledRequest(request, num_new))
+            budget -= num_new
+            idx += 1
+        if not preempted:
+            self._admit_waiting(budget, scheduled)
+        return SchedulerOutput(scheduled, preempted)
+
+    def _allocate_or_preempt(self, request: Request, num_new: int, preempted: list[Request]) -> bool:
+        """Allocate for ``request``, preempting from the back of ``running`` until it fits.
+
+        Returns False when ``request`` itself had to be preempted.
+        """
+        while not self.kv_manager.allocate_slots(request, num_new):
+            victim = self.running.pop()
+            self._preempt(victim)
+            preempted.append(victim)
+            if victim is request:
+                return False
+        return True
+
+    def _admit_waiting(self, budget: int, scheduled: list[ScheduledRequest]) -> None:
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            request = self.waiting[0]
+            computed_blocks, num_cached = self.kv_manager.get_computed_blocks(request)
+            num_new = min(request.num_tokens - num_cached, budget)
+            if not self.kv_manager.allocate_slots(request, num_new, computed_blocks):
+                break
+            self.waiting.popleft()
+            request.num_computed_tokens = num_cached
+            if request.num_cached_tokens < 0:
+                request.num_cached_tokens = num_cached
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            scheduled.append(ScheduledRequest(request, num_new))
+            budget -= num_new
+
+    def _preempt(self, request: Request) -> None:
+        self.kv_manager.free(request.request_id)
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        request.status = RequestStatus.PREEMPTED
+        self.waiting.appendleft(request)
+        self.num_preemptions += 1
+
+    def update_after_step(self, output: SchedulerOutput) -> list[Request]:
+        """Advance computed counts; return the requests whose next token must be sampled."""
+        to_sample = []
+        for request, num_new in output.scheduled:
+            request.num_computed_tokens += num_new
+            self.kv_manager.cache_full_blocks(request)
+            if request.num_computed_tokens == request.num_tokens:
+                to_sample.append(request)
+        return to_sample
+
+    def finish(self, request: Request, status: RequestStatus) -> None:
+        """Remove a request (running or waiting) and free its blocks."""
+        assert status.is_finished
+        if request in self.running:
+            self.running.remove(request)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+        request.status = status
+        self.kv_manager.free(request.request_id)
+
+    def find(self, request_id: str) -> Request | None:
+        for request in (*self.running, *self.waiting):
+            if request.request_id == request_id:
+                return request
+        return None
+
+    def check_integrity(self) -> None:
+        """Block-manager invariants plus: running requests own blocks, waiting ones own none
+        unless preempted-and-readmitted bookkeeping says otherwise."""
+        self.kv_manager.check_integrity()
+        assert len(self.running) <= self.max_num_seqs, "too many running requests"
+        for request in self.running:
+            assert request.status is RequestStatus.RUNNING, f"{request.request_id} not RUNNING"
+            num_blocks = len(self.kv_manager.block_tables.get(request.request_id, []))
+            needed = -(-request.num_computed_tokens // self.kv_manager.block_size)
+            assert num_blocks >= needed, f"{request.request_id} holds too few blocks"
+        for request in self.waiting:
+            assert request.request_id not in self.kv_manager.block_tables, (
+                f"waiting request {request.request_id} still holds blocks"
+            )
