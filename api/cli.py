@@ -1,0 +1,91 @@
+"""The ``tarry`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+
+from engine.async_engine import AsyncEngine
+from engine.config import EngineConfig
+from engine.errors import InvalidRequestError, ModelLoadError
+from engine.llm_engine import LLMEngine
+from engine.model_loader import load_model
+from engine.sampling_params import SamplingParams
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tarry", description="Agent-oriented LLM inference.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    gen = commands.add_parser("generate", help="stream the model's answer to one prompt")
+    gen.add_argument("prompt", help="the user message (or raw text with --raw)")
+    add_model_args(gen)
+    gen.add_argument("--max-tokens", type=int, default=256)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--system", default=None, help="system prompt")
+    gen.add_argument("--raw", action="store_true", help="send the prompt without the chat template")
+    return parser
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None,
+                        help="HF model directory, .gguf file or cached hub id (default: SmolLM2)")
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
+    parser.add_argument("--kv-cache-gib", type=float, default=None, help="KV pool size in GiB")
+    parser.add_argument("--block-size", type=int, default=16)
+
+
+def engine_from_args(args: argparse.Namespace) -> LLMEngine:
+    started = time.perf_counter()
+    loaded = load_model(args.model, dtype=args.dtype, device=args.device)
+    kv_bytes = int(args.kv_cache_gib * (1 << 30)) if args.kv_cache_gib else None
+    engine = LLMEngine(loaded, EngineConfig(block_size=args.block_size, kv_cache_bytes=kv_bytes))
+    print(
+        f"loaded {loaded.name} ({loaded.architecture}, {loaded.dtype}, {loaded.device}) "
+        f"in {time.perf_counter() - started:.1f}s; KV pool {engine.kv_manager.pool.num_blocks} "
+        f"blocks x {engine.config.block_size} tokens",
+        file=sys.stderr,
+    )
+    return engine
+
+
+async def _generate(args: argparse.Namespace) -> int:
+    engine = engine_from_args(args)
+    if args.raw:
+        prompt: str | list[int] = args.prompt
+    else:
+        messages = [{"role": "user", "content": args.prompt}]
+        if args.system:
+            messages.insert(0, {"role": "system", "content": args.system})
+        prompt = engine.apply_chat_template(messages)
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
+                            top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+    runner = AsyncEngine(engine)
+    runner.start()
+    try:
+        async for out in runner.generate(prompt, params):
+            print(out.new_text, end="", flush=True)
+        print()
+    finally:
+        runner.shutdown()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "generate":
+            return asyncio.run(_generate(args))
+    except (ModelLoadError, InvalidRequestError, ValueError) as exc:
+        print(f"tarry: error: {exc}", file=sys.stderr)
+        return 2
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
