@@ -1,0 +1,78 @@
+"""The background step loop: streaming, concurrency, cancellation, and the CLI on top of it."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from api.cli import main
+from engine.async_engine import AsyncEngine
+from engine.errors import InvalidRequestError
+from engine.sampling_params import SamplingParams
+from tests.helpers import greedy, make_engine
+
+
+@pytest.fixture
+def async_engine(tiny_model_dirs):
+    runner = AsyncEngine(make_engine(tiny_model_dirs["qwen2"]))
+    runner.start()
+    yield runner
+    runner.shutdown()
+
+
+async def _collect(runner: AsyncEngine, prompt: list[int], params: SamplingParams) -> list[int]:
+    tokens: list[int] = []
+    async for out in runner.generate(prompt, params):
+        tokens += out.new_token_ids
+    return tokens
+
+
+def test_concurrent_streams_equal_sequential_results(async_engine, tiny_model_dirs):
+    prompts = [[10 + i, 20, 30, 40 + i] for i in range(5)]
+    reference = make_engine(tiny_model_dirs["qwen2"])
+    sequential = [reference.generate([p], greedy(8))[0].new_token_ids for p in prompts]
+
+    async def run_all():
+        return await asyncio.gather(*(_collect(async_engine, p, greedy(8)) for p in prompts))
+
+    assert asyncio.run(run_all()) == sequential
+
+
+def test_cancellation_aborts_and_frees_blocks(async_engine):
+    async def cancel_midway():
+        seen = 0
+        async for _ in async_engine.generate([1, 2, 3], SamplingParams(max_tokens=500, ignore_eos=True)):
+            seen += 1
+            if seen == 3:
+                break  # leaving the loop closes the generator, which aborts the request
+        await asyncio.sleep(0.05)
+        return seen
+
+    assert asyncio.run(cancel_midway()) == 3
+    with async_engine._lock:
+        assert not async_engine.engine.has_unfinished_requests()
+        async_engine.engine.check_integrity()
+        assert async_engine.engine.kv_manager.usage() == 0.0
+
+
+def test_invalid_request_raises_before_streaming(async_engine):
+    async def bad():
+        async for _ in async_engine.generate([], SamplingParams()):
+            pass
+
+    with pytest.raises(InvalidRequestError):
+        asyncio.run(bad())
+    assert asyncio.run(_collect(async_engine, [4, 5], greedy(3))) != []
+
+
+def test_cli_generate_streams_the_answer(capsys):
+    code = main(["generate", "What is the capital of France? Answer in one sentence.",
+                 "--max-tokens", "30"])
+    assert code == 0
+    assert "Paris" in capsys.readouterr().out
+
+
+def test_cli_reports_unknown_model(capsys):
+    assert main(["generate", "hi", "--model", "/no/such/model"]) == 2
+    assert "cannot load model" in capsys.readouterr().err

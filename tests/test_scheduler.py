@@ -1,0 +1,71 @@
+"""Scheduler bookkeeping with a fake model step (no torch): budgets, chunking, preemption."""
+
+from __future__ import annotations
+
+from engine.kv_cache_manager import KVCacheManager
+from engine.request import Request, RequestStatus
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler
+
+
+def make_scheduler(num_blocks=10, block_size=4, budget=8, max_seqs=4) -> Scheduler:
+    return Scheduler(KVCacheManager(num_blocks, block_size), budget, max_seqs)
+
+
+def fake_step(scheduler: Scheduler, next_token: int = 7) -> list[tuple[str, int]]:
+    """Schedule, pretend the model ran, append one token to each request that sampled."""
+    output = scheduler.schedule()
+    plan = [(item.request.request_id, item.num_new_tokens) for item in output.scheduled]
+    for request in scheduler.update_after_step(output):
+        request.append_output_token(next_token)
+    scheduler.check_integrity()
+    return plan
+
+
+def test_chunked_prefill_mixes_with_decodes_under_the_budget():
+    scheduler = make_scheduler(budget=8)
+    scheduler.add_request(Request("a", list(range(3)), SamplingParams()))
+    assert fake_step(scheduler) == [("a", 3)]
+    scheduler.add_request(Request("b", list(range(20)), SamplingParams()))
+    # a decodes one token; b gets the rest of the budget as a prefill chunk.
+    assert fake_step(scheduler) == [("a", 1), ("b", 7)]
+    assert fake_step(scheduler) == [("a", 1), ("b", 7)]
+    assert fake_step(scheduler) == [("a", 1), ("b", 6)]
+    assert fake_step(scheduler) == [("a", 1), ("b", 1)]
+
+
+def test_preemption_frees_the_newest_request_and_recomputes_it_later():
+    scheduler = make_scheduler(num_blocks=4, block_size=4, budget=16)
+    first = Request("a", list(range(7)), SamplingParams())
+    second = Request("b", list(range(100, 107)), SamplingParams())
+    scheduler.add_request(first)
+    scheduler.add_request(second)
+    assert fake_step(scheduler) == [("a", 7), ("b", 7)]  # 2 blocks each: pool full
+    assert fake_step(scheduler) == [("a", 1), ("b", 1)]  # 8 tokens each, still 2 blocks
+    # a needs a third block: b (admitted last) is preempted and goes back to the queue head.
+    assert fake_step(scheduler) == [("a", 1)]
+    assert second.status is RequestStatus.PREEMPTED and second.num_computed_tokens == 0
+    assert list(scheduler.waiting) == [second]
+    assert scheduler.num_preemptions == 1
+    scheduler.finish(first, RequestStatus.FINISHED_STOPPED)
+    # b is readmitted: its first full block is still cached, so only the rest is recomputed.
+    assert fake_step(scheduler) == [("b", 5)]
+    assert second.num_output_tokens == 3
+
+
+def test_max_num_seqs_limits_admission():
+    scheduler = make_scheduler(budget=64, max_seqs=2)
+    for name in "abc":
+        scheduler.add_request(Request(name, [1, 2], SamplingParams()))
+    assert [rid for rid, _ in fake_step(scheduler)] == ["a", "b"]
+    assert [r.request_id for r in scheduler.waiting] == ["c"]
+
+
+def test_finish_waiting_request_and_find():
+    scheduler = make_scheduler()
+    request = Request("a", [1, 2, 3], SamplingParams())
+    scheduler.add_request(request)
+    assert scheduler.find("a") is request
+    scheduler.finish(request, RequestStatus.FINISHED_ABORTED)
+    assert scheduler.find("a") is None and not scheduler.has_unfinished_requests()
+    scheduler.check_integrity()
