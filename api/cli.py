@@ -32,8 +32,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None,
-                        help="HF model directory, .gguf file or cached hub id (default: SmolLM2)")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="HF model directory, .gguf file or cached hub id (default: SmolLM2)",
+    )
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
     parser.add_argument("--kv-cache-gib", type=float, default=None, help="KV pool size in GiB")
@@ -63,8 +66,13 @@ async def _generate(args: argparse.Namespace) -> int:
         if args.system:
             messages.insert(0, {"role": "system", "content": args.system})
         prompt = engine.apply_chat_template(messages)
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
-                            top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+    params = SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+    )
     runner = AsyncEngine(engine)
     runner.start()
     try:

@@ -10,7 +10,7 @@ come from ``seq_lens`` / ``query_start_loc``.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -38,10 +38,12 @@ def paged_attention_forward(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:  # ([1, num_tokens, num_heads, head_dim], no weights)
     """Store this layer's K/V by ``slot_mapping``, then paged attention for every token."""
-    layer_idx = module.layer_idx  # type: ignore[attr-defined]
+    layer_idx = cast(int, module.layer_idx)
     key_cache, value_cache = kv_cache[layer_idx, 0], kv_cache[layer_idx, 1]
     q = query[0].transpose(0, 1)  # [num_tokens, num_heads, head_dim]
-    ops.store_kv(key[0].transpose(0, 1), value[0].transpose(0, 1), key_cache, value_cache, slot_mapping)
+    ops.store_kv(
+        key[0].transpose(0, 1), value[0].transpose(0, 1), key_cache, value_cache, slot_mapping
+    )
     scale = scaling if scaling is not None else q.shape[-1] ** -0.5
     out = ops.paged_attention(
         q,

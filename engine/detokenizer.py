@@ -27,8 +27,9 @@ class IncrementalDetokenizer:
         """Add one token; return the text it completes (possibly empty)."""
         self.token_ids.append(token_id)
         decode = self.tokenizer.decode
-        prefix_text = decode(self.token_ids[self.prefix_offset : self.read_offset],
-                             skip_special_tokens=True)
+        prefix_text = decode(
+            self.token_ids[self.prefix_offset : self.read_offset], skip_special_tokens=True
+        )
         full_text = decode(self.token_ids[self.prefix_offset :], skip_special_tokens=True)
         if len(full_text) <= len(prefix_text) or full_text.endswith("\ufffd"):
             return ""  # an incomplete UTF-8 sequence, or a token with no visible text

@@ -48,7 +48,9 @@ class KVCacheManager:
     def block_hashes(self, request: Request) -> list[BlockHash]:
         """Hashes of every full block of the request's tokens (memoised per request)."""
         known = self._block_hashes.get(request.request_id, [])
-        hashes = hash_full_blocks(request.all_token_ids, self.block_size, self._extra(request), known)
+        hashes = hash_full_blocks(
+            request.all_token_ids, self.block_size, self._extra(request), known
+        )
         self._block_hashes[request.request_id] = hashes
         return hashes
 
@@ -65,7 +67,9 @@ class KVCacheManager:
         found: list[KVBlock] = []
         for block_idx, block_hash in enumerate(hashes):
             start = block_idx * self.block_size
-            block = self.pool.lookup(block_hash, request.all_token_ids[start : start + self.block_size])
+            block = self.pool.lookup(
+                block_hash, request.all_token_ids[start : start + self.block_size]
+            )
             if block is None:
                 break
             found.append(block)
@@ -89,8 +93,10 @@ class KVCacheManager:
         table = self.block_tables.get(request.request_id, [])
         if computed_blocks and table:
             raise ValueError("computed_blocks can only be given for a request without blocks")
-        num_computed = len(computed_blocks) * self.block_size if computed_blocks else (
-            request.num_computed_tokens
+        num_computed = (
+            len(computed_blocks) * self.block_size
+            if computed_blocks
+            else (request.num_computed_tokens)
         )
         num_needed = -(-(num_computed + num_new_tokens) // self.block_size)
         num_new_blocks = max(0, num_needed - len(table) - len(computed_blocks))

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from engine.config import GiB, EngineConfig
+from engine.config import EngineConfig, GiB
 from engine.detokenizer import IncrementalDetokenizer, TextOutput
 from engine.errors import InvalidRequestError
 from engine.fingerprint import model_fingerprint
@@ -138,7 +138,9 @@ class LLMEngine:
                 f"{self.max_model_len} tokens (prompt plus at least one generated token)"
             )
         if not all(isinstance(t, int) and 0 <= t < self.vocab_size for t in token_ids):
-            raise InvalidRequestError(f"prompt token ids must be integers in [0, {self.vocab_size})")
+            raise InvalidRequestError(
+                f"prompt token ids must be integers in [0, {self.vocab_size})"
+            )
 
     def abort_request(self, request_id: str) -> bool:
         """Stop a request and free its blocks; False if it is unknown or already finished."""
@@ -213,7 +215,9 @@ class LLMEngine:
             logprobs=[logprob] if logprob is not None else None if params.logprobs is None else [],
         )
 
-    def _stop_status(self, request: Request, token_id: int, text: TextOutput) -> RequestStatus | None:
+    def _stop_status(
+        self, request: Request, token_id: int, text: TextOutput
+    ) -> RequestStatus | None:
         params = request.sampling_params
         if request.num_output_tokens >= params.min_tokens:
             if token_id in params.stop_token_ids:
@@ -224,7 +228,10 @@ class LLMEngine:
             if text.stopped_by is not None:
                 request.stop_reason = text.stopped_by
                 return RequestStatus.FINISHED_STOPPED
-        if request.num_output_tokens >= params.max_tokens or request.num_tokens >= self.max_model_len:
+        if (
+            request.num_output_tokens >= params.max_tokens
+            or request.num_tokens >= self.max_model_len
+        ):
             return RequestStatus.FINISHED_LENGTH
         return None
 

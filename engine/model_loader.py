@@ -113,7 +113,9 @@ def resolve_model_dir(spec: str | None, cache_dir: Path | None = None) -> tuple[
     hub_dir = _hub_cache_dir(spec)
     if hub_dir is not None:
         return spec, hub_dir
-    tried.append(f"Hugging Face hub id {spec!r} in the local cache (not cached; nothing is downloaded)")
+    tried.append(
+        f"Hugging Face hub id {spec!r} in the local cache (not cached; nothing is downloaded)"
+    )
     raise ModelLoadError(f"cannot load model {spec!r}; tried: " + "; ".join(tried))
 
 
@@ -146,7 +148,7 @@ def convert_gguf(gguf_path: Path, cache_dir: Path) -> Path:
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
         steps.update()
-        model = AutoModelForCausalLM.from_pretrained(
+        model: Any = AutoModelForCausalLM.from_pretrained(
             str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
         )
         steps.update()
@@ -211,7 +213,7 @@ def load_model(
     name, model_dir = resolve_model_dir(spec, cache_dir)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-        model = AutoModelForCausalLM.from_pretrained(
+        model: Any = AutoModelForCausalLM.from_pretrained(
             str(model_dir), dtype=torch_dtype, attn_implementation=attn_implementation
         )
     except Exception as exc:

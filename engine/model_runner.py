@@ -55,8 +55,14 @@ class ModelRunner:
         self.block_size = block_size
         self.kv_shape = kv_shape_of(self.model.config)
         self.kv_cache = torch.zeros(
-            (self.kv_shape.num_layers, 2, num_blocks, block_size,
-             self.kv_shape.num_kv_heads, self.kv_shape.head_dim),
+            (
+                self.kv_shape.num_layers,
+                2,
+                num_blocks,
+                block_size,
+                self.kv_shape.num_kv_heads,
+                self.kv_shape.head_dim,
+            ),
             dtype=loaded.dtype,
             device=self.device,
         )
@@ -86,7 +92,10 @@ class ModelRunner:
         for seq_idx, chunk in enumerate(chunks):
             block_tables[seq_idx, : len(chunk.block_ids)] = torch.tensor(chunk.block_ids)
         positions = torch.cat(
-            [torch.arange(c.start_pos, c.start_pos + n) for c, n in zip(chunks, q_lens, strict=True)]
+            [
+                torch.arange(c.start_pos, c.start_pos + n)
+                for c, n in zip(chunks, q_lens, strict=True)
+            ]
         )
         seq_of_token = torch.repeat_interleave(torch.arange(num_seqs), torch.tensor(q_lens))
         slot_mapping = (
@@ -95,8 +104,9 @@ class ModelRunner:
         )
         query_start_loc = torch.zeros(num_seqs + 1, dtype=torch.int32)
         query_start_loc[1:] = torch.cumsum(torch.tensor(q_lens), 0)
-        seq_lens = torch.tensor([c.start_pos + n for c, n in zip(chunks, q_lens, strict=True)],
-                                dtype=torch.int32)
+        seq_lens = torch.tensor(
+            [c.start_pos + n for c, n in zip(chunks, q_lens, strict=True)], dtype=torch.int32
+        )
         token_ids = [t for c in chunks for t in c.token_ids]
         metadata = {
             "kv_cache": self.kv_cache,

@@ -39,28 +39,48 @@ class SamplingParams:
 
     def validate(self) -> None:
         """Raise InvalidRequestError naming the first invalid field."""
-        _require(isinstance(self.max_tokens, int) and self.max_tokens > 0,
-                 f"max_tokens must be a positive integer, got {self.max_tokens!r}")
-        _require(_is_number(self.temperature) and 0.0 <= self.temperature <= 100.0,
-                 f"temperature must be in [0, 100], got {self.temperature!r}")
-        _require(isinstance(self.top_k, int) and self.top_k >= -1,
-                 f"top_k must be an integer >= -1 (-1 or 0 disables), got {self.top_k!r}")
-        _require(_is_number(self.top_p) and 0.0 < self.top_p <= 1.0,
-                 f"top_p must be in (0, 1], got {self.top_p!r}")
-        _require(_is_number(self.min_p) and 0.0 <= self.min_p <= 1.0,
-                 f"min_p must be in [0, 1], got {self.min_p!r}")
-        _require(self.seed is None or isinstance(self.seed, int),
-                 f"seed must be an integer, got {self.seed!r}")
-        _require(isinstance(self.stop, list) and all(isinstance(s, str) and s for s in self.stop),
-                 "stop must be a list of non-empty strings")
-        _require(isinstance(self.stop_token_ids, list)
-                 and all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
-                 "stop_token_ids must be a list of non-negative integers")
-        _require(isinstance(self.min_tokens, int) and 0 <= self.min_tokens <= self.max_tokens,
-                 f"min_tokens must be in [0, max_tokens], got {self.min_tokens!r}")
-        _require(self.logprobs is None
-                 or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= MAX_TOP_LOGPROBS),
-                 f"logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.logprobs!r}")
+        _require(
+            isinstance(self.max_tokens, int) and self.max_tokens > 0,
+            f"max_tokens must be a positive integer, got {self.max_tokens!r}",
+        )
+        _require(
+            _is_number(self.temperature) and 0.0 <= self.temperature <= 100.0,
+            f"temperature must be in [0, 100], got {self.temperature!r}",
+        )
+        _require(
+            isinstance(self.top_k, int) and self.top_k >= -1,
+            f"top_k must be an integer >= -1 (-1 or 0 disables), got {self.top_k!r}",
+        )
+        _require(
+            _is_number(self.top_p) and 0.0 < self.top_p <= 1.0,
+            f"top_p must be in (0, 1], got {self.top_p!r}",
+        )
+        _require(
+            _is_number(self.min_p) and 0.0 <= self.min_p <= 1.0,
+            f"min_p must be in [0, 1], got {self.min_p!r}",
+        )
+        _require(
+            self.seed is None or isinstance(self.seed, int),
+            f"seed must be an integer, got {self.seed!r}",
+        )
+        _require(
+            isinstance(self.stop, list) and all(isinstance(s, str) and s for s in self.stop),
+            "stop must be a list of non-empty strings",
+        )
+        _require(
+            isinstance(self.stop_token_ids, list)
+            and all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
+            "stop_token_ids must be a list of non-negative integers",
+        )
+        _require(
+            isinstance(self.min_tokens, int) and 0 <= self.min_tokens <= self.max_tokens,
+            f"min_tokens must be in [0, max_tokens], got {self.min_tokens!r}",
+        )
+        _require(
+            self.logprobs is None
+            or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= MAX_TOP_LOGPROBS),
+            f"logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.logprobs!r}",
+        )
 
 
 def _is_number(value: object) -> bool:

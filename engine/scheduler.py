@@ -78,7 +78,9 @@ class Scheduler:
             self._admit_waiting(budget, scheduled)
         return SchedulerOutput(scheduled, preempted)
 
-    def _allocate_or_preempt(self, request: Request, num_new: int, preempted: list[Request]) -> bool:
+    def _allocate_or_preempt(
+        self, request: Request, num_new: int, preempted: list[Request]
+    ) -> bool:
         """Allocate for ``request``, preempting from the back of ``running`` until it fits.
 
         Returns False when ``request`` itself had to be preempted.

@@ -59,6 +59,10 @@ def build_tiny_model_dir(arch: str, root: Path, tokenizer: Any) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dirs(tmp_path_factory: pytest.TempPathFactory, smollm2: LoadedModel) -> dict[str, Path]:
+def tiny_model_dirs(
+    tmp_path_factory: pytest.TempPathFactory, smollm2: LoadedModel
+) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tiny-models")
-    return {arch: build_tiny_model_dir(arch, root, smollm2.tokenizer) for arch in TINY_ARCHITECTURES}
+    return {
+        arch: build_tiny_model_dir(arch, root, smollm2.tokenizer) for arch in TINY_ARCHITECTURES
+    }

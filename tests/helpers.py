@@ -60,9 +60,10 @@ def run_staggered(
     return [merged[f"r{idx}"] for idx in range(len(prompts))]
 
 
-def mixed_prompts(seed: int, count: int, min_len: int, max_len: int, shared: list[int] | None = None
-                  ) -> list[list[int]]:
-    """Deterministic random prompts of mixed lengths (token ids 100..20000), optional shared prefix."""
+def mixed_prompts(
+    seed: int, count: int, min_len: int, max_len: int, shared: list[int] | None = None
+) -> list[list[int]]:
+    """Seeded random prompts of mixed lengths (ids 100..20000), after an optional shared prefix."""
     gen = torch.Generator().manual_seed(seed)
     prompts = []
     for _ in range(count):

@@ -42,7 +42,9 @@ def test_concurrent_streams_equal_sequential_results(async_engine, tiny_model_di
 def test_cancellation_aborts_and_frees_blocks(async_engine):
     async def cancel_midway():
         seen = 0
-        async for _ in async_engine.generate([1, 2, 3], SamplingParams(max_tokens=500, ignore_eos=True)):
+        async for _ in async_engine.generate(
+            [1, 2, 3], SamplingParams(max_tokens=500, ignore_eos=True)
+        ):
             seen += 1
             if seen == 3:
                 break  # leaving the loop closes the generator, which aborts the request
@@ -67,8 +69,9 @@ def test_invalid_request_raises_before_streaming(async_engine):
 
 
 def test_cli_generate_streams_the_answer(capsys):
-    code = main(["generate", "What is the capital of France? Answer in one sentence.",
-                 "--max-tokens", "30"])
+    code = main(
+        ["generate", "What is the capital of France? Answer in one sentence.", "--max-tokens", "30"]
+    )
     assert code == 0
     assert "Paris" in capsys.readouterr().out
 

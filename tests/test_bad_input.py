@@ -58,8 +58,9 @@ def test_bad_requests_fail_cleanly_while_a_good_one_runs(engine):
 
 
 def test_generation_stops_at_the_context_limit(engine):
-    out = engine.generate([list(range(100, 160))], SamplingParams(temperature=0.0, max_tokens=50,
-                                                                  ignore_eos=True))[0]
+    out = engine.generate(
+        [list(range(100, 160))], SamplingParams(temperature=0.0, max_tokens=50, ignore_eos=True)
+    )[0]
     assert out.finish_reason == "length"
     assert out.num_output_tokens == 4  # 60 prompt tokens + 4 = max_model_len 64
 

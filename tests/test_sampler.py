@@ -87,12 +87,14 @@ def test_min_tokens_and_ignore_eos(smollm2):
     short = engine.generate([prompt], SamplingParams(temperature=0.0, max_tokens=64))[0]
     assert short.finish_reason == "stop" and short.num_output_tokens < 64
     longer = engine.generate(
-        [prompt], SamplingParams(temperature=0.0, max_tokens=64, min_tokens=short.num_output_tokens + 5)
+        [prompt],
+        SamplingParams(temperature=0.0, max_tokens=64, min_tokens=short.num_output_tokens + 5),
     )[0]
     assert longer.num_output_tokens >= short.num_output_tokens + 5
     assert not set(longer.new_token_ids[: short.num_output_tokens + 4]) & engine.eos_token_ids
     ignoring = engine.generate(
-        [prompt], SamplingParams(temperature=0.0, max_tokens=short.num_output_tokens + 3, ignore_eos=True)
+        [prompt],
+        SamplingParams(temperature=0.0, max_tokens=short.num_output_tokens + 3, ignore_eos=True),
     )[0]
     assert ignoring.finish_reason == "length"
     assert ignoring.new_token_ids[: short.num_output_tokens] == short.new_token_ids

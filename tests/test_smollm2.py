@@ -22,8 +22,9 @@ def test_capital_of_france_contains_paris(smollm2):
 def test_greedy_parity_with_hf_on_every_path(smollm2):
     """Single, staggered batch with prefix hits, small chunks and preemption: all equal HF."""
     engine = make_engine(smollm2)
-    system = engine.apply_chat_template([{"role": "system", "content": "You are terse. " * 6},
-                                         {"role": "user", "content": "Hi"}])
+    system = engine.apply_chat_template(
+        [{"role": "system", "content": "You are terse. " * 6}, {"role": "user", "content": "Hi"}]
+    )
     prompts = [
         engine.apply_chat_template([{"role": "user", "content": "What is 2+2?"}]),
         *mixed_prompts(3, 2, 5, 60),
@@ -35,8 +36,12 @@ def test_greedy_parity_with_hf_on_every_path(smollm2):
     staggered = run_staggered(engine, prompts, greedy(NUM_TOKENS), arrivals=[0, 0, 1, 2, 4, 6])
     assert [o.new_token_ids for o in staggered] == expected
     assert staggered[5].num_cached_tokens >= 32
-    chunked = run_staggered(make_engine(smollm2, max_num_batched_tokens=16), prompts,
-                            greedy(NUM_TOKENS), arrivals=[0] * 6)
+    chunked = run_staggered(
+        make_engine(smollm2, max_num_batched_tokens=16),
+        prompts,
+        greedy(NUM_TOKENS),
+        arrivals=[0] * 6,
+    )
     assert [o.new_token_ids for o in chunked] == expected
     tiny_pool = make_engine(smollm2, num_kv_blocks=12)
     preempted = run_staggered(tiny_pool, prompts, greedy(NUM_TOKENS), arrivals=[0] * 6)
