@@ -1,0 +1,542 @@
+"""Triton kernels for the paged KV cache: varlen paged attention and K/V stores.
+
+The contracts (shapes, dtypes, masking semantics) are those of ``kernels.reference``:
+``paged_attention`` matches ``paged_attention_ref`` and ``store_kv`` matches ``store_kv_ref``.
+
+Paged attention, one kernel family for decode, prefill and prefill over a cached prefix:
+
+* Work is split into *query tiles*: ``BLOCK_Q`` consecutive tokens of one sequence times the
+  ``GROUP`` query heads that share one KV head (GQA), packed into ``BLOCK_M = BLOCK_Q * GROUP``
+  rows (padded to a power of two). A tile therefore reads each K/V tile once for all its heads.
+* Query tiles of all sequences are numbered globally; the kernel finds a tile's sequence by a
+  binary search over ``query_start_loc``, so the launcher never syncs with the device.
+* Each program walks the key tiles (``TILE_N`` keys, looked up token by token through the block
+  table, so any block size works) from the sliding-window start to its causal end, with an
+  online softmax in float32.
+* With ``num_splits > 1`` (small decode batches) the key range is split among programs
+  (flash-decoding); each writes an unnormalised partial result and a second kernel merges them.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+TILE_N = 64  # keys per inner-loop step of the attention kernel
+DECODE_BLOCK_M = 16  # query rows per tile for decode batches and float32
+PREFILL_BLOCK_M = 64  # query rows per tile otherwise
+MAX_SPLITS = 64  # upper bound on the split-KV factor chosen by the heuristic
+
+
+# --------------------------------------------------------------------------------------------
+# store_kv
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _store_kv_kernel(
+    key_ptr,  # [num_tokens, num_kv_heads, head_dim], last dim contiguous
+    value_ptr,  # [num_tokens, num_kv_heads, head_dim], last dim contiguous
+    key_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim], contiguous
+    value_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim], contiguous
+    slot_mapping_ptr,  # [num_tokens] int64, -1 = skip
+    stride_k_tok,  # int: key.stride(0)
+    stride_k_head,  # int: key.stride(1)
+    stride_v_tok,  # int: value.stride(0)
+    stride_v_head,  # int: value.stride(1)
+    NUM_KV_HEADS: tl.constexpr,  # int
+    HEAD_DIM: tl.constexpr,  # int
+    HEADS_PAD: tl.constexpr,  # int: next power of two >= NUM_KV_HEADS
+    DIM_PAD: tl.constexpr,  # int: next power of two >= HEAD_DIM
+):
+    """One program per token: copy its K and V rows into cache slot ``slot_mapping[token]``."""
+    token = tl.program_id(0).to(tl.int64)
+    slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
+    if slot < 0:
+        return
+    heads = tl.arange(0, HEADS_PAD)[:, None]
+    dims = tl.arange(0, DIM_PAD)[None, :]
+    mask = (heads < NUM_KV_HEADS) & (dims < HEAD_DIM)
+    key = tl.load(key_ptr + token * stride_k_tok + heads * stride_k_head + dims, mask=mask)
+    value = tl.load(value_ptr + token * stride_v_tok + heads * stride_v_head + dims, mask=mask)
+    dst = slot * (NUM_KV_HEADS * HEAD_DIM) + heads * HEAD_DIM + dims
+    tl.store(key_cache_ptr + dst, key.to(key_cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(value_cache_ptr + dst, value.to(value_cache_ptr.dtype.element_ty), mask=mask)
+
+
+def store_kv(
+    key: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+    value: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+    key_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    value_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    slot_mapping: torch.Tensor,  # [num_tokens] int64, -1 = skip
+) -> None:
+    """Write each token's K/V into its slot of the paged cache, in place (``-1`` = skip).
+
+    K/V are cast to the cache dtype. The caches must be contiguous; K/V may be strided views
+    (e.g. transposed from ``[num_kv_heads, num_tokens, head_dim]``) with a contiguous last dim.
+    """
+    _check_cache(key_cache, value_cache)
+    num_tokens = key.shape[0]
+    num_kv_heads, head_dim = key_cache.shape[2], key_cache.shape[3]
+    assert key.shape == value.shape == (num_tokens, num_kv_heads, head_dim), "key/value shape"
+    assert key.dtype in SUPPORTED_DTYPES and value.dtype in SUPPORTED_DTYPES, "key/value dtype"
+    assert key.stride(2) == 1 and value.stride(2) == 1, "key/value last dim must be contiguous"
+    assert slot_mapping.shape == (num_tokens,), "slot_mapping must be [num_tokens]"
+    assert slot_mapping.dtype == torch.int64, "slot_mapping must be int64"
+    assert slot_mapping.is_contiguous(), "slot_mapping must be contiguous"
+    _check_same_device(key, value, key_cache, value_cache, slot_mapping)
+    if num_tokens == 0:
+        return
+    _store_kv_kernel[(num_tokens,)](
+        key,
+        value,
+        key_cache,
+        value_cache,
+        slot_mapping,
+        key.stride(0),
+        key.stride(1),
+        value.stride(0),
+        value.stride(1),
+        NUM_KV_HEADS=num_kv_heads,
+        HEAD_DIM=head_dim,
+        HEADS_PAD=triton.next_power_of_2(num_kv_heads),
+        DIM_PAD=triton.next_power_of_2(head_dim),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# paged attention
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _find_seq_idx(
+    query_start_loc_ptr,  # [num_seqs + 1] int32
+    q_tile_idx,  # int: global query-tile index
+    num_seqs,  # int
+    BLOCK_Q: tl.constexpr,  # int: query tokens per tile
+):
+    """The sequence owning global query tile ``q_tile_idx``.
+
+    Sequence ``i``'s tiles start at ``query_start_loc[i] // BLOCK_Q + i`` (strictly increasing,
+    with room for ``cdiv(q_len, BLOCK_Q)`` tiles); binary-search the last start <= the index.
+    """
+    lo = 0
+    hi = num_seqs
+    while lo < hi:
+        mid = (lo + hi) // 2
+        start = tl.load(query_start_loc_ptr + mid) // BLOCK_Q + mid
+        if start <= q_tile_idx:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo - 1
+
+
+@triton.jit
+def _tanh(x):
+    """tanh from exp (portable across Triton versions; saturates correctly at +-inf)."""
+    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+
+@triton.jit
+def _dot(a, b, UPCAST: tl.constexpr):
+    """``a @ b`` in float32 (exact fp32 products for fp32 inputs: no TF32).
+
+    ``UPCAST`` computes in float32 from upcast operands; the launcher sets it for bfloat16 under
+    the CPU interpreter, whose ``tl.dot`` multiplies the raw bf16 bit patterns.
+    """
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, input_precision="ieee")
+
+
+# Batch-dependent integers are not specialised (e.g. on == 1), so batch shapes don't recompile.
+@triton.jit(do_not_specialize=["num_seqs", "num_tokens", "sliding_window"])
+def _paged_attention_kernel(
+    out_ptr,  # [num_tokens, num_heads, head_dim] contiguous  (NUM_SPLITS == 1)
+    partial_out_ptr,  # [NUM_SPLITS, num_tokens, num_heads, head_dim] f32 (NUM_SPLITS > 1)
+    partial_max_ptr,  # [NUM_SPLITS, num_tokens, num_heads] f32       (NUM_SPLITS > 1)
+    partial_sum_ptr,  # [NUM_SPLITS, num_tokens, num_heads] f32       (NUM_SPLITS > 1)
+    query_ptr,  # [num_tokens, num_heads, head_dim], last dim contiguous
+    key_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    value_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    block_tables_ptr,  # [num_seqs, max_blocks_per_seq] int32
+    seq_lens_ptr,  # [num_seqs] int32
+    query_start_loc_ptr,  # [num_seqs + 1] int32
+    scale,  # float: softmax scale applied to q.k
+    softcap,  # float: logit softcap (used when USE_SOFTCAP)
+    sliding_window,  # int: keys at positions > q_pos - sliding_window (used when USE_WINDOW)
+    num_seqs,  # int
+    num_tokens,  # int
+    stride_q_tok,  # int: query.stride(0)
+    stride_q_head,  # int: query.stride(1)
+    stride_kv_blk,  # int: key_cache.stride(0) == value_cache.stride(0)
+    stride_kv_tok,  # int: key_cache.stride(1)
+    stride_kv_head,  # int: key_cache.stride(2)
+    stride_bt_seq,  # int: block_tables.stride(0)
+    NUM_HEADS: tl.constexpr,  # int
+    GROUP: tl.constexpr,  # int: num_heads // num_kv_heads
+    HEAD_DIM: tl.constexpr,  # int, power of two
+    BLOCK_SIZE: tl.constexpr,  # int: tokens per cache block
+    BLOCK_M: tl.constexpr,  # int: rows per query tile (>= 16, power of two)
+    BLOCK_Q: tl.constexpr,  # int: tokens per query tile, BLOCK_M // GROUP
+    TILE_N: tl.constexpr,  # int: keys per inner step (power of two, >= 16)
+    NUM_SPLITS: tl.constexpr,  # int: programs sharing one tile's key range
+    USE_SOFTCAP: tl.constexpr,  # bool
+    USE_WINDOW: tl.constexpr,  # bool
+    UPCAST_DOT: tl.constexpr,  # bool: run tl.dot on float32 copies (bf16 in the interpreter)
+):
+    """Grid ``(num_query_tiles, num_kv_heads, NUM_SPLITS)``; see the module docstring."""
+    q_tile_idx = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+
+    seq = _find_seq_idx(query_start_loc_ptr, q_tile_idx, num_seqs, BLOCK_Q)
+    q_start = tl.load(query_start_loc_ptr + seq)
+    q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
+    q_tile_local = q_tile_idx - (q_start // BLOCK_Q + seq)
+    if q_tile_local * BLOCK_Q >= q_len:
+        return
+    seq_len = tl.load(seq_lens_ptr + seq)
+    context_len = seq_len - q_len  # cached prefix; query token j sits at context_len + j
+
+    # Rows of the tile: token (row // GROUP) of the tile, query head (row % GROUP) of the group.
+    rows = tl.arange(0, BLOCK_M)
+    tok_local = q_tile_local * BLOCK_Q + rows // GROUP  # [BLOCK_M] token index in the sequence
+    head = kv_head * GROUP + rows % GROUP  # [BLOCK_M]
+    row_valid = (rows < BLOCK_Q * GROUP) & (tok_local < q_len)  # [BLOCK_M]
+    q_pos = context_len + tok_local  # [BLOCK_M] absolute positions
+    token = (q_start + tok_local).to(tl.int64)  # [BLOCK_M] row in the packed query
+    dims = tl.arange(0, HEAD_DIM)
+
+    q_offs = token[:, None] * stride_q_tok + head[:, None] * stride_q_head + dims[None, :]
+    q = tl.load(query_ptr + q_offs, mask=row_valid[:, None], other=0.0)  # [BLOCK_M, HEAD_DIM]
+
+    # Key range of the whole tile: [first visible key of its first token, last token + 1).
+    first_tok = q_tile_local * BLOCK_Q
+    last_tok = tl.minimum(first_tok + BLOCK_Q, q_len) - 1
+    key_end = context_len + last_tok + 1
+    key_begin = 0
+    if USE_WINDOW:
+        key_begin = tl.maximum(context_len + first_tok - sliding_window + 1, 0)
+    tile_begin = key_begin // TILE_N
+    tile_end = tl.cdiv(key_end, TILE_N)
+    tiles_per_split = tl.cdiv(tile_end - tile_begin, NUM_SPLITS)
+    my_begin = tile_begin + split * tiles_per_split
+    my_end = tl.minimum(my_begin + tiles_per_split, tile_end)
+
+    row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    block_table_row = block_tables_ptr + seq.to(tl.int64) * stride_bt_seq
+    kv_head_off = kv_head.to(tl.int64) * stride_kv_head
+    cols = tl.arange(0, TILE_N)
+
+    for tile in range(my_begin, my_end):
+        k_pos = tile * TILE_N + cols  # [TILE_N] absolute key positions
+        k_valid = k_pos < key_end
+        block_ids = tl.load(block_table_row + k_pos // BLOCK_SIZE, mask=k_valid, other=0)
+        kv_offs = (
+            block_ids.to(tl.int64) * stride_kv_blk
+            + (k_pos % BLOCK_SIZE).to(tl.int64) * stride_kv_tok
+            + kv_head_off
+        )  # [TILE_N]
+        k = tl.load(
+            key_cache_ptr + kv_offs[None, :] + dims[:, None], mask=k_valid[None, :], other=0.0
+        )  # [HEAD_DIM, TILE_N]
+        v = tl.load(
+            value_cache_ptr + kv_offs[:, None] + dims[None, :], mask=k_valid[:, None], other=0.0
+        )  # [TILE_N, HEAD_DIM]
+
+        scores = _dot(q, k, UPCAST_DOT) * scale  # [BLOCK_M, TILE_N] f32
+        if USE_SOFTCAP:
+            scores = softcap * _tanh(scores / softcap)
+        allowed = k_valid[None, :] & (k_pos[None, :] <= q_pos[:, None])
+        if USE_WINDOW:
+            allowed = allowed & (k_pos[None, :] > q_pos[:, None] - sliding_window)
+        scores = tl.where(allowed, scores, float("-inf"))
+
+        # Online softmax; rows that have seen no visible key yet keep max -inf and sum 0.
+        new_max = tl.maximum(row_max, tl.max(scores, axis=1))
+        safe_max = tl.where(new_max > float("-inf"), new_max, 0.0)
+        probs = tl.exp(scores - safe_max[:, None])
+        alpha = tl.exp(row_max - safe_max)
+        row_sum = row_sum * alpha + tl.sum(probs, axis=1)
+        acc = acc * alpha[:, None]
+        acc += _dot(probs.to(v.dtype), v, UPCAST_DOT)
+        row_max = new_max
+
+    if NUM_SPLITS == 1:
+        out = acc / tl.where(row_sum > 0.0, row_sum, 1.0)[:, None]
+        out_offs = token[:, None] * (NUM_HEADS * HEAD_DIM) + head[:, None] * HEAD_DIM
+        tl.store(
+            out_ptr + out_offs + dims[None, :],
+            out.to(out_ptr.dtype.element_ty),
+            mask=row_valid[:, None],
+        )
+    else:
+        stat_offs = (split * num_tokens + token) * NUM_HEADS + head  # [BLOCK_M]
+        tl.store(partial_max_ptr + stat_offs, row_max, mask=row_valid)
+        tl.store(partial_sum_ptr + stat_offs, row_sum, mask=row_valid)
+        tl.store(
+            partial_out_ptr + stat_offs[:, None] * HEAD_DIM + dims[None, :],
+            acc,
+            mask=row_valid[:, None],
+        )
+
+
+@triton.jit(do_not_specialize=["num_tokens"])
+def _merge_splits_kernel(
+    out_ptr,  # [num_tokens, num_heads, head_dim]
+    partial_out_ptr,  # [NUM_SPLITS, num_tokens, num_heads, head_dim] f32
+    partial_max_ptr,  # [NUM_SPLITS, num_tokens, num_heads] f32
+    partial_sum_ptr,  # [NUM_SPLITS, num_tokens, num_heads] f32
+    num_tokens,  # int
+    NUM_HEADS: tl.constexpr,  # int
+    HEAD_DIM: tl.constexpr,  # int, power of two
+    NUM_SPLITS: tl.constexpr,  # int
+    SPLITS_PAD: tl.constexpr,  # int: next power of two >= NUM_SPLITS
+):
+    """Grid ``(num_tokens, num_heads)``: merge the split-KV partial softmax results."""
+    token = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    splits = tl.arange(0, SPLITS_PAD)
+    split_valid = splits < NUM_SPLITS
+    dims = tl.arange(0, HEAD_DIM)
+    stat_offs = (splits * num_tokens + token) * NUM_HEADS + head  # [SPLITS_PAD]
+    maxes = tl.load(partial_max_ptr + stat_offs, mask=split_valid, other=float("-inf"))
+    sums = tl.load(partial_sum_ptr + stat_offs, mask=split_valid, other=0.0)
+    accs = tl.load(
+        partial_out_ptr + stat_offs[:, None] * HEAD_DIM + dims[None, :],
+        mask=split_valid[:, None],
+        other=0.0,
+    )  # [SPLITS_PAD, HEAD_DIM]
+    global_max = tl.max(maxes, axis=0)
+    global_max = tl.where(global_max > float("-inf"), global_max, 0.0)
+    weights = tl.exp(maxes - global_max)  # 0 for splits that saw no key
+    total = tl.sum(sums * weights, axis=0)
+    out = tl.sum(accs * weights[:, None], axis=0) / tl.where(total > 0.0, total, 1.0)
+    out_offs = (token * NUM_HEADS + head) * HEAD_DIM + dims
+    tl.store(out_ptr + out_offs, out.to(out_ptr.dtype.element_ty))
+
+
+def paged_attention(
+    query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+    key_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    value_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    block_tables: torch.Tensor,  # [num_seqs, max_blocks_per_seq] int32
+    seq_lens: torch.Tensor,  # [num_seqs] int32
+    query_start_loc: torch.Tensor,  # [num_seqs + 1] int32
+    scale: float,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
+    """Varlen paged attention; same contract as ``reference.paged_attention_ref``.
+
+    Picks the split-KV factor from the batch shape and the device's SM count (no device sync).
+    """
+    num_splits = choose_num_splits(query, key_cache, block_tables)
+    return launch_paged_attention(
+        query,
+        key_cache,
+        value_cache,
+        block_tables,
+        seq_lens,
+        query_start_loc,
+        scale,
+        sliding_window=sliding_window,
+        softcap=softcap,
+        num_splits=num_splits,
+    )
+
+
+def launch_paged_attention(
+    query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+    key_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    value_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    block_tables: torch.Tensor,  # [num_seqs, max_blocks_per_seq] int32
+    seq_lens: torch.Tensor,  # [num_seqs] int32
+    query_start_loc: torch.Tensor,  # [num_seqs + 1] int32
+    scale: float,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    num_splits: int = 1,
+) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
+    """``paged_attention`` with an explicit split-KV factor (``num_splits >= 1``).
+
+    The caches and index tensors must be contiguous; ``query`` may be a strided view with a
+    contiguous last dim. The output is a new contiguous tensor.
+    """
+    _check_attention_args(query, key_cache, value_cache, block_tables, seq_lens, query_start_loc)
+    assert sliding_window is None or sliding_window > 0, "sliding_window must be positive"
+    assert num_splits >= 1, "num_splits must be >= 1"
+    num_tokens, num_heads, head_dim = query.shape
+    num_kv_heads = key_cache.shape[2]
+    num_seqs = seq_lens.shape[0]
+    group = num_heads // num_kv_heads
+    out = torch.empty(query.shape, dtype=query.dtype, device=query.device)  # contiguous
+    if num_tokens == 0 or num_seqs == 0:
+        return out
+
+    block_m = _block_m(group, decode_only=num_tokens <= num_seqs, dtype=query.dtype)
+    block_q = block_m // group
+    num_q_tiles = num_tokens // block_q + num_seqs  # upper bound; surplus programs exit early
+    if num_splits > 1:
+        partial_out = query.new_empty(
+            (num_splits, num_tokens, num_heads, head_dim), dtype=torch.float32
+        )
+        partial_max = query.new_empty((num_splits, num_tokens, num_heads), dtype=torch.float32)
+        partial_sum = torch.empty_like(partial_max)
+    else:  # unused by the kernel; any float32 tensor will do
+        partial_out = partial_max = partial_sum = query.new_empty((1,), dtype=torch.float32)
+    softcap_value = float(softcap) if softcap is not None and softcap > 0 else 0.0
+
+    _paged_attention_kernel[(num_q_tiles, num_kv_heads, num_splits)](
+        out,
+        partial_out,
+        partial_max,
+        partial_sum,
+        query,
+        key_cache,
+        value_cache,
+        block_tables,
+        seq_lens,
+        query_start_loc,
+        float(scale),
+        softcap_value if softcap_value > 0 else 1.0,
+        int(sliding_window) if sliding_window is not None else 0,
+        num_seqs,
+        num_tokens,
+        query.stride(0),
+        query.stride(1),
+        key_cache.stride(0),
+        key_cache.stride(1),
+        key_cache.stride(2),
+        block_tables.stride(0),
+        NUM_HEADS=num_heads,
+        GROUP=group,
+        HEAD_DIM=head_dim,
+        BLOCK_SIZE=key_cache.shape[1],
+        BLOCK_M=block_m,
+        BLOCK_Q=block_q,
+        TILE_N=TILE_N,
+        NUM_SPLITS=num_splits,
+        USE_SOFTCAP=softcap_value > 0,
+        USE_WINDOW=sliding_window is not None,
+        UPCAST_DOT=query.dtype == torch.bfloat16 and query.device.type != "cuda",
+        num_warps=4,
+        # fp32 tiles take twice the shared memory: no software pipelining for them.
+        num_stages=1 if query.dtype == torch.float32 else 2,
+    )
+    if num_splits > 1:
+        _merge_splits_kernel[(num_tokens, num_heads)](
+            out,
+            partial_out,
+            partial_max,
+            partial_sum,
+            num_tokens,
+            NUM_HEADS=num_heads,
+            HEAD_DIM=head_dim,
+            NUM_SPLITS=num_splits,
+            SPLITS_PAD=triton.next_power_of_2(num_splits),
+        )
+    return out
+
+
+def choose_num_splits(
+    query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+    key_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    block_tables: torch.Tensor,  # [num_seqs, max_blocks_per_seq] int32
+) -> int:
+    """Split-KV factor: enough programs to fill the device when there are few query tiles.
+
+    Only shapes are used (no device sync): the key-length bound is the block table's width.
+    Batches with more tokens than sequences (prefill) are never split.
+    """
+    num_tokens = query.shape[0]
+    num_seqs, max_blocks = block_tables.shape
+    num_kv_heads, block_size = key_cache.shape[2], key_cache.shape[1]
+    if num_tokens > num_seqs or num_seqs == 0:
+        return 1
+    programs = num_seqs * num_kv_heads
+    target = 4 * _num_sms(query.device)  # a few resident programs per SM hide load latency
+    if programs >= target:
+        return 1
+    max_tiles = triton.cdiv(max_blocks * block_size, TILE_N)
+    return max(1, min(triton.cdiv(target, programs), max_tiles, MAX_SPLITS))
+
+
+def _block_m(group: int, decode_only: bool, dtype: torch.dtype) -> int:
+    """Rows per query tile: a power of two >= 16 holding at least one full GQA group.
+
+    Small tiles for decode (rows beyond the group are padding) and for float32, whose
+    non-tensor-core dots spill registers on large tiles.
+    """
+    small = decode_only or dtype == torch.float32
+    rows = DECODE_BLOCK_M if small else PREFILL_BLOCK_M
+    return max(rows, triton.next_power_of_2(group))
+
+
+@functools.lru_cache(maxsize=16)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device; 1 elsewhere (the interpreter)."""
+    if device.type != "cuda":
+        return 1
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _sm_count(index)
+
+
+def _check_cache(key_cache: torch.Tensor, value_cache: torch.Tensor) -> None:
+    assert key_cache.dim() == 4, "cache must be [num_blocks, block_size, num_kv_heads, head_dim]"
+    assert key_cache.shape == value_cache.shape, "key/value cache shapes differ"
+    assert key_cache.dtype == value_cache.dtype, "key/value cache dtypes differ"
+    assert key_cache.dtype in SUPPORTED_DTYPES, f"unsupported cache dtype {key_cache.dtype}"
+    assert key_cache.is_contiguous() and value_cache.is_contiguous(), "cache must be contiguous"
+
+
+def _check_same_device(*tensors: torch.Tensor) -> None:
+    devices = {t.device for t in tensors}
+    assert len(devices) == 1, f"tensors on several devices: {devices}"
+
+
+def _check_attention_args(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+) -> None:
+    """Shape, dtype, layout and device preconditions of ``paged_attention``."""
+    _check_cache(key_cache, value_cache)
+    assert query.dim() == 3, "query must be [num_tokens, num_heads, head_dim]"
+    assert query.dtype == key_cache.dtype, "query and cache dtypes differ"
+    assert query.stride(2) == 1, "query's last dim must be contiguous"
+    num_heads, head_dim = query.shape[1], query.shape[2]
+    num_kv_heads = key_cache.shape[2]
+    assert key_cache.shape[3] == head_dim, "query and cache head_dim differ"
+    assert head_dim >= 16 and head_dim & (head_dim - 1) == 0, "head_dim must be a power of two"
+    assert num_heads % num_kv_heads == 0, "num_heads must be a multiple of num_kv_heads"
+    num_seqs = seq_lens.shape[0]
+    assert block_tables.dim() == 2 and block_tables.shape[0] == num_seqs, "block_tables shape"
+    assert seq_lens.dim() == 1, "seq_lens must be [num_seqs]"
+    assert query_start_loc.shape == (num_seqs + 1,), "query_start_loc must be [num_seqs + 1]"
+    for name, t in (
+        ("block_tables", block_tables),
+        ("seq_lens", seq_lens),
+        ("query_start_loc", query_start_loc),
+    ):
+        assert t.dtype == torch.int32, f"{name} must be int32"
+        assert t.is_contiguous(), f"{name} must be contiguous"
+    _check_same_device(query, key_cache, value_cache, block_tables, seq_lens, query_start_loc)
