@@ -37,22 +37,39 @@ class KVCacheManager:
         self.hash_extra = hash_extra
         self.block_tables: dict[str, list[KVBlock]] = {}
         self._block_hashes: dict[str, list[BlockHash]] = {}
+        # External references that keep cached blocks on the device (e.g. a paused session's
+        # context), by owner id; dict order = least recently pinned first.
+        self.pins: dict[str, list[KVBlock]] = {}
         self.num_prefix_queries = 0
         self.num_prefix_hits = 0  # tokens served by the prefix cache
 
     # -- lookups -----------------------------------------------------------------------------
 
-    def _extra(self, request: Request) -> bytes:
-        return self.hash_extra + b"\x00salt:" + request.cache_salt.encode()
+    def _extra(self, cache_salt: str) -> bytes:
+        return self.hash_extra + b"\x00salt:" + cache_salt.encode()
 
     def block_hashes(self, request: Request) -> list[BlockHash]:
         """Hashes of every full block of the request's tokens (memoised per request)."""
         known = self._block_hashes.get(request.request_id, [])
-        hashes = hash_full_blocks(
-            request.all_token_ids, self.block_size, self._extra(request), known
-        )
+        extra = self._extra(request.cache_salt)
+        hashes = hash_full_blocks(request.all_token_ids, self.block_size, extra, known)
         self._block_hashes[request.request_id] = hashes
         return hashes
+
+    def hashes_for_tokens(self, token_ids: Sequence[int], cache_salt: str) -> list[BlockHash]:
+        """Hashes of every full block of ``token_ids`` under ``cache_salt`` (not memoised)."""
+        return hash_full_blocks(token_ids, self.block_size, self._extra(cache_salt))
+
+    def cached_prefix(self, token_ids: Sequence[int], hashes: Sequence[BlockHash]) -> list[KVBlock]:
+        """The device blocks holding the longest cached run of ``hashes`` (no stats, no refs)."""
+        found: list[KVBlock] = []
+        for block_idx, block_hash in enumerate(hashes):
+            start = block_idx * self.block_size
+            block = self.pool.lookup(block_hash, token_ids[start : start + self.block_size])
+            if block is None:
+                break
+            found.append(block)
+        return found
 
     def get_computed_blocks(self, request: Request) -> tuple[list[KVBlock], int]:
         """The longest cached prefix of the request, as (blocks, num_tokens).
@@ -63,16 +80,7 @@ class KVCacheManager:
         if not self.enable_prefix_caching:
             return [], 0
         max_blocks = (request.num_tokens - 1) // self.block_size
-        hashes = self.block_hashes(request)[:max_blocks]
-        found: list[KVBlock] = []
-        for block_idx, block_hash in enumerate(hashes):
-            start = block_idx * self.block_size
-            block = self.pool.lookup(
-                block_hash, request.all_token_ids[start : start + self.block_size]
-            )
-            if block is None:
-                break
-            found.append(block)
+        found = self.cached_prefix(request.all_token_ids, self.block_hashes(request)[:max_blocks])
         self.num_prefix_queries += request.num_tokens
         self.num_prefix_hits += len(found) * self.block_size
         return found, len(found) * self.block_size
@@ -132,6 +140,21 @@ class KVCacheManager:
         self.pool.free(list(reversed(table)))
         self._block_hashes.pop(request_id, None)
 
+    # -- pins ----------------------------------------------------------------------------------
+
+    def pin(self, owner_id: str, blocks: Sequence[KVBlock]) -> None:
+        """Reference ``blocks`` on behalf of ``owner_id`` (replacing its previous pin), so the
+        pool cannot evict them. The owner becomes the most recently pinned."""
+        self.pool.touch(blocks)
+        self.unpin(owner_id)
+        self.pins[owner_id] = list(blocks)
+
+    def unpin(self, owner_id: str) -> list[KVBlock]:
+        """Drop the owner's pin (its blocks stay cached until evicted); returns the blocks."""
+        blocks = self.pins.pop(owner_id, [])
+        self.pool.free(list(reversed(blocks)))
+        return blocks
+
     def get_block_ids(self, request_id: str) -> list[int]:
         return [block.block_id for block in self.block_tables.get(request_id, [])]
 
@@ -140,14 +163,14 @@ class KVCacheManager:
         return self.pool.num_free_blocks
 
     def usage(self) -> float:
-        """Fraction of blocks referenced by live requests."""
+        """Fraction of blocks referenced by live requests or pins."""
         return 1.0 - self.pool.num_free_blocks / self.pool.num_blocks
 
     def check_integrity(self) -> None:
         """Pool invariants plus: every referenced block is owned by a table, counts agree."""
         self.pool.check_integrity()
         owners: dict[int, int] = {}
-        for table in self.block_tables.values():
+        for table in (*self.block_tables.values(), *self.pins.values()):
             for block in table:
                 owners[block.block_id] = owners.get(block.block_id, 0) + 1
         for block in self.pool.blocks:

@@ -30,6 +30,7 @@ class RequestOutput:
     num_prompt_tokens: int
     num_cached_tokens: int
     num_output_tokens: int
+    num_restored_tokens: int = 0  # cached tokens that came from host memory or Redis
     stop_reason: int | str | None = None
     logprobs: list[TokenLogprob] | None = None
     error: str | None = None

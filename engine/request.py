@@ -46,6 +46,7 @@ class Request:
     all_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     num_cached_tokens: int = -1  # prompt tokens served by the prefix cache at first admission
+    num_restored_tokens: int = 0  # of which restored from a lower tier (host memory, Redis)
     num_preemptions: int = 0
     stop_reason: int | str | None = None
 

@@ -10,6 +10,7 @@ cache until evicted) and it goes back to the head of the waiting queue to be rec
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from typing import NamedTuple
 
 from engine.kv_cache_manager import KVCacheManager
@@ -44,12 +45,19 @@ class Scheduler:
         kv_manager: KVCacheManager,
         max_num_batched_tokens: int,
         max_num_seqs: int,
+        reclaim: Callable[[int], bool] | None = None,
+        on_preempt: Callable[[Request], None] | None = None,
     ) -> None:
+        """``reclaim(num_blocks)`` is asked to free pinned blocks before any running request is
+        preempted (returns True if it freed something); ``on_preempt(request)`` runs before a
+        preempted request's blocks are freed (e.g. to swap them to host memory)."""
         if max_num_batched_tokens <= 0 or max_num_seqs <= 0:
             raise ValueError("max_num_batched_tokens and max_num_seqs must be positive")
         self.kv_manager = kv_manager
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
+        self.reclaim = reclaim
+        self.on_preempt = on_preempt
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
@@ -86,6 +94,8 @@ class Scheduler:
         Returns False when ``request`` itself had to be preempted.
         """
         while not self.kv_manager.allocate_slots(request, num_new):
+            if self.reclaim is not None and self.reclaim(self._blocks_needed(request, num_new)):
+                continue
             victim = self.running.pop()
             self._preempt(victim)
             preempted.append(victim)
@@ -93,13 +103,20 @@ class Scheduler:
                 return False
         return True
 
+    def _blocks_needed(self, request: Request, num_new: int) -> int:
+        block_size = self.kv_manager.block_size
+        held = len(self.kv_manager.block_tables.get(request.request_id, []))
+        return -(-(request.num_computed_tokens + num_new) // block_size) - held
+
     def _admit_waiting(self, budget: int, scheduled: list[ScheduledRequest]) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             request = self.waiting[0]
             computed_blocks, num_cached = self.kv_manager.get_computed_blocks(request)
             num_new = min(request.num_tokens - num_cached, budget)
-            if not self.kv_manager.allocate_slots(request, num_new, computed_blocks):
-                break
+            while not self.kv_manager.allocate_slots(request, num_new, computed_blocks):
+                needed = -(-(num_cached + num_new) // self.kv_manager.block_size)
+                if self.reclaim is None or not self.reclaim(needed - len(computed_blocks)):
+                    return
             self.waiting.popleft()
             request.num_computed_tokens = num_cached
             if request.num_cached_tokens < 0:
@@ -110,6 +127,8 @@ class Scheduler:
             budget -= num_new
 
     def _preempt(self, request: Request) -> None:
+        if self.on_preempt is not None:
+            self.on_preempt(request)
         self.kv_manager.free(request.request_id)
         request.num_computed_tokens = 0
         request.num_preemptions += 1
