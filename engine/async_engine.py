@@ -11,14 +11,16 @@ import asyncio
 import itertools
 import logging
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass
@@ -91,6 +93,14 @@ class AsyncEngine:
         finally:
             if not finished:
                 self.abort(request_id)
+
+    def run_exclusive(self, fn: Callable[..., T], *args: Any) -> T:
+        """Call ``fn(*args)`` while no step runs (for engine bookkeeping such as pins).
+
+        Blocks the caller for at most the rest of the current step; keep ``fn`` short.
+        """
+        with self._lock:
+            return fn(*args)
 
     def abort(self, request_id: str) -> None:
         with self._lock:

@@ -1,0 +1,33 @@
+"""Errors a session client can cause. Each leaves every session as it was."""
+
+from __future__ import annotations
+
+
+class SessionError(Exception):
+    """Base class; ``code`` is a stable machine-readable name for protocol error events."""
+
+    code = "session_error"
+
+
+class SessionNotFoundError(SessionError):
+    code = "session_not_found"
+
+
+class SessionAccessError(SessionError):
+    """The session belongs to another owner (reported like not-found to the caller)."""
+
+    code = "session_not_found"
+
+
+class SessionBusyError(SessionError):
+    """A response is already running in this session."""
+
+    code = "conversation_already_has_active_response"
+
+
+class SessionClosedError(SessionError):
+    code = "session_closed"
+
+
+class InvalidSessionInputError(SessionError):
+    code = "invalid_request"

@@ -1,0 +1,283 @@
+"""The session manager: sessions' lifecycle on top of the async engine.
+
+It owns no tensors. A paused session's KV is kept on the device by an engine *pin* on its full
+blocks; offloading writes those blocks to the engine's KV store (host memory -> Redis) and
+releases the pin; dropping releases the pin only. Any of them can be lost later: the next turn
+then recomputes from the token ids, which are the truth.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from engine.async_engine import AsyncEngine
+from engine.outputs import RequestOutput
+from engine.sampling_params import SamplingParams
+from sessions.errors import (
+    InvalidSessionInputError,
+    SessionAccessError,
+    SessionBusyError,
+    SessionClosedError,
+    SessionNotFoundError,
+)
+from sessions.policy import PauseDecision, PausePolicy
+from sessions.prompt import common_prefix_len, turn_prompt
+from sessions.record_store import MemoryRecordStore, SessionRecordStore
+from sessions.session import Session, SessionState, TurnUsage
+
+MESSAGE_ROLES = {"system", "user", "assistant", "tool"}
+
+
+class SessionManager:
+    """Creates, resumes, forks, truncates and closes sessions; applies the pause policy.
+
+    All methods run on the caller's event loop thread; engine bookkeeping goes through
+    ``AsyncEngine.run_exclusive``. Errors are ``sessions.errors.SessionError`` subclasses and
+    leave every session unchanged.
+    """
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        records: SessionRecordStore | None = None,
+        policy: PausePolicy | None = None,
+        persist_kv: bool = True,
+    ) -> None:
+        self.engine = engine
+        self.llm = engine.engine
+        self.tokenizer = self.llm.tokenizer
+        self.records = records or MemoryRecordStore()
+        self.policy = policy or PausePolicy()
+        self.persist_kv = persist_kv  # write each turn's new full blocks to the KV store
+        self._sessions: dict[str, Session] = {}
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def create(
+        self,
+        owner: str,
+        instructions: str | None = None,
+        tools: list[dict[str, Any]] | None = None,
+        settings: dict[str, Any] | None = None,
+    ) -> Session:
+        session = Session(owner=owner, tools=list(tools or []), settings=dict(settings or {}))
+        if instructions:
+            session.messages.append({"role": "system", "content": instructions})
+        self._sessions[session.session_id] = session
+        self.records.save(session.to_record())
+        return session
+
+    def get(self, session_id: str, owner: str) -> Session:
+        """The caller's session, from memory or (after a restart) from the record store."""
+        session = self._sessions.get(session_id)
+        if session is None:
+            record = self.records.load(session_id)
+            if record is None:
+                raise SessionNotFoundError(f"no session {session_id!r}")
+            session = Session.from_record(record)
+            if session.state is not SessionState.CLOSED:
+                self._sessions[session_id] = session
+        if session.owner != owner:
+            raise SessionAccessError(f"no session {session_id!r}")
+        if session.state is SessionState.CLOSED:
+            raise SessionClosedError(f"session {session_id} is closed")
+        self._refresh_state(session)
+        return session
+
+    def sessions_of(self, owner: str) -> list[Session]:
+        return [s for s in self._sessions.values() if s.owner == owner]
+
+    def append(self, session: Session, items: list[dict[str, Any]]) -> None:
+        """Add messages (``{"role", "content"}``; tool results use role ``tool``)."""
+        self._require_idle(session)
+        for item in items:
+            _validate_message(item)
+        session.messages.extend(dict(item) for item in items)
+        self.records.save(session.to_record())
+
+    async def generate(
+        self, session: Session, params: SamplingParams, waiting_for_tool: bool = False
+    ) -> AsyncIterator[RequestOutput]:
+        """Generate the next assistant message; only tokens not already in KV are prefilled.
+
+        The turn is recorded (assistant message, token ids, usage) when it finishes; if it is
+        cancelled, the session keeps its previous history. Either way it ends PAUSED or
+        OFFLOADED per the pause policy, and the record is persisted.
+        """
+        self._require_idle(session)
+        if not session.messages:
+            raise InvalidSessionInputError("the session has no messages to answer")
+        prompt = turn_prompt(self.tokenizer, session.token_ids, session.messages, session.tools)
+        request_id = f"{session.session_id}-turn{session.num_turns}-{time.monotonic_ns()}"
+        session.transition(SessionState.ACTIVE)
+        produced: list[int] = []
+        pieces: list[str] = []
+        final: RequestOutput | None = None
+        try:
+            async for out in self.engine.generate(prompt, params, request_id, session.cache_salt):
+                produced += out.new_token_ids
+                pieces.append(out.new_text)
+                if out.finished:
+                    final = out
+                yield out
+        finally:
+            if final is not None:
+                self._record_turn(session, prompt, produced, "".join(pieces), final)
+            session.transition(SessionState.PAUSED)
+            session.last_active_at = time.monotonic()
+            self._apply_pause_policy(session, waiting_for_tool)
+            self.records.save(session.to_record())
+
+    def _record_turn(
+        self,
+        session: Session,
+        prompt: list[int],
+        produced: list[int],
+        text: str,
+        final: RequestOutput,
+    ) -> None:
+        session.token_ids = [*prompt, *produced]
+        session.messages.append({"role": "assistant", "content": text})
+        session.num_turns += 1
+        session.last_usage = TurnUsage(
+            prompt_tokens=len(prompt),
+            completion_tokens=len(produced),
+            cached_tokens=final.num_cached_tokens,
+            restored_tokens=final.num_restored_tokens,
+        )
+
+    def fork(self, session: Session) -> Session:
+        """A copy-on-write child: same history, sharing every full KV block with the parent."""
+        self._require_idle(session)
+        child = Session(
+            owner=session.owner,
+            messages=[dict(m) for m in session.messages],
+            token_ids=list(session.token_ids),
+            tools=list(session.tools),
+            settings=dict(session.settings),
+            num_turns=session.num_turns,
+        )
+        self._sessions[child.session_id] = child
+        if session.state is SessionState.PAUSED:
+            self._pin(child)
+        else:
+            child.transition(SessionState.OFFLOADED)
+        self.records.save(child.to_record())
+        return child
+
+    def truncate(self, session: Session, num_items: int) -> None:
+        """Drop the last ``num_items`` messages and the KV after what remains."""
+        self._require_idle(session)
+        if not 0 < num_items <= len(session.messages):
+            raise InvalidSessionInputError(
+                f"cannot truncate {num_items} of {len(session.messages)} items"
+            )
+        session.messages = session.messages[:-num_items]
+        kept = session.messages
+        rendered_ids = turn_prompt(self.tokenizer, [], kept, session.tools) if kept else []
+        session.token_ids = session.token_ids[: common_prefix_len(session.token_ids, rendered_ids)]
+        if session.state is SessionState.PAUSED:
+            self._pin(session)
+        self.records.save(session.to_record())
+
+    def close(self, session: Session) -> None:
+        """End the session: release its KV pin and delete its record."""
+        self._require_idle(session)
+        self.engine.run_exclusive(self.llm.unpin, session.session_id)
+        session.transition(SessionState.CLOSED)
+        self._sessions.pop(session.session_id, None)
+        self.records.delete(session.session_id)
+
+    # -- KV placement ------------------------------------------------------------------------
+
+    def _apply_pause_policy(self, session: Session, waiting_for_tool: bool) -> PauseDecision:
+        if self.persist_kv and self.llm.kv_store is not None:
+            self.engine.run_exclusive(self.llm.save_tokens, session.token_ids, session.cache_salt)
+        decision = self.policy.decide(
+            len(session.token_ids),
+            self.policy.expected_pause_s(waiting_for_tool),
+            self.llm.kv_manager.usage(),
+        )
+        if decision is PauseDecision.KEEP:
+            self._pin(session)
+        elif decision is PauseDecision.OFFLOAD:
+            self.offload(session)
+        else:
+            self.engine.run_exclusive(self.llm.unpin, session.session_id)
+            session.transition(SessionState.OFFLOADED)
+        return decision
+
+    def _pin(self, session: Session) -> None:
+        self.engine.run_exclusive(
+            self.llm.pin_tokens, session.session_id, session.token_ids, session.cache_salt
+        )
+        session.keep_until = time.monotonic() + self.policy.keep_ttl_s
+        session.transition(SessionState.PAUSED)
+
+    def offload(self, session: Session) -> None:
+        """Move a paused session's KV off the device (to the KV store, if there is one)."""
+        if session.state is SessionState.ACTIVE:
+            raise SessionBusyError(f"session {session.session_id} is generating")
+        self.engine.run_exclusive(
+            self.llm.pin_tokens, session.session_id, session.token_ids, session.cache_salt
+        )
+        self.engine.run_exclusive(self.llm.offload_pin, session.session_id)
+        session.keep_until = 0.0
+        session.transition(SessionState.OFFLOADED)
+
+    def enforce_policy(self, now: float | None = None) -> list[str]:
+        """Offload paused sessions whose keep TTL expired and, while the device pool is above
+        the pressure threshold, the longest-idle paused ones. Returns the offloaded ids."""
+        now = time.monotonic() if now is None else now
+        paused = sorted(
+            (s for s in self._sessions.values() if s.state is SessionState.PAUSED),
+            key=lambda s: s.last_active_at,
+        )
+        offloaded = []
+        for session in paused:
+            expired = session.keep_until <= now
+            pressure = self.llm.kv_manager.usage() >= self.policy.pressure_threshold
+            if expired or pressure:
+                self.offload(session)
+                offloaded.append(session.session_id)
+        return offloaded
+
+    def kv_location(self, session: Session) -> dict[str, int]:
+        """Tokens of the session's history cached on the device and, after those, in the store."""
+        on_device, in_store = self.engine.run_exclusive(
+            self.llm.cached_tokens, session.token_ids, session.cache_salt
+        )
+        return {"device": on_device, "store": in_store, "total": len(session.token_ids)}
+
+    def _refresh_state(self, session: Session) -> None:
+        """A pin the engine released under pressure turns a PAUSED session OFFLOADED."""
+        if session.state is SessionState.PAUSED and (
+            session.session_id not in self.llm.kv_manager.pins
+        ):
+            session.transition(SessionState.OFFLOADED)
+
+    def _require_idle(self, session: Session) -> None:
+        if session.state is SessionState.ACTIVE:
+            raise SessionBusyError(f"session {session.session_id} already has an active response")
+        if session.state is SessionState.CLOSED:
+            raise SessionClosedError(f"session {session.session_id} is closed")
+
+    def check_integrity(self) -> None:
+        """Every engine pin belongs to a live session; engine invariants hold."""
+        self.engine.run_exclusive(self.llm.check_integrity)
+        for owner_id in self.llm.kv_manager.pins:
+            session = self._sessions.get(owner_id)
+            assert session is not None, f"pin held for unknown session {owner_id}"
+            assert session.state is not SessionState.CLOSED, f"closed session {owner_id} pinned"
+
+
+def _validate_message(item: Any) -> None:
+    if not isinstance(item, dict):
+        raise InvalidSessionInputError("each item must be an object with role and content")
+    role, content = item.get("role"), item.get("content")
+    if role not in MESSAGE_ROLES:
+        raise InvalidSessionInputError(f"role must be one of {sorted(MESSAGE_ROLES)}, got {role!r}")
+    if not isinstance(content, str):
+        raise InvalidSessionInputError("content must be a string")
