@@ -69,6 +69,14 @@ class LLMEngine:
             (kv_shape.num_layers, 2, block_size, kv_shape.num_kv_heads, kv_shape.head_dim),
         )
         self.runner = ModelRunner(loaded, num_blocks, block_size)
+        # One block of every layer, as stored off the device: [layers, 2, block, kv_heads, dim].
+        self.kv_block_shape = (
+            kv_shape.num_layers,
+            2,
+            block_size,
+            kv_shape.num_kv_heads,
+            kv_shape.head_dim,
+        )
         self.kv_manager = KVCacheManager(
             num_blocks, block_size, self.config.enable_prefix_caching, self.fingerprint.encode()
         )
@@ -78,9 +86,10 @@ class LLMEngine:
             self.config.max_num_batched_tokens,
             self.config.max_num_seqs,
             reclaim=self._reclaim_pins,
-            on_preempt=self._swap_out if kv_store is not None else None,
+            on_preempt=self._swap_out,
         )
         self.num_restored_tokens = 0  # tokens brought back from the store instead of recomputed
+        self.num_saved_tokens = 0  # tokens written to the store
         self.num_pins_reclaimed = 0
         model_max = getattr(loaded.config, "max_position_embeddings", None) or 1 << 30
         self.max_model_len = min(
@@ -260,6 +269,10 @@ class LLMEngine:
             return RequestStatus.FINISHED_LENGTH
         return None
 
+    def attach_kv_store(self, kv_store: KVStore | None) -> None:
+        """Set (or remove) the lower-tier store; stores key blocks by ``self.fingerprint``."""
+        self.kv_store = kv_store
+
     # -- lower tiers ---------------------------------------------------------------------------
 
     def _restore_waiting_prefixes(self) -> list[KVBlock]:
@@ -283,7 +296,10 @@ class LLMEngine:
         hashes = self.kv_manager.block_hashes(request)[:max_blocks]
         start = len(self.kv_manager.cached_prefix(request.all_token_ids, hashes))
         num_blocks = self.kv_store.lookup(hashes[start:])
-        if num_blocks == 0 or num_blocks > self.kv_manager.num_free_blocks:
+        if num_blocks > self.kv_manager.num_free_blocks:
+            self._reclaim_pins(num_blocks)  # paused contexts make room for a resuming one
+        num_blocks = min(num_blocks, self.kv_manager.num_free_blocks)
+        if num_blocks == 0:
             return []
         tokens = [
             request.all_token_ids[idx * block_size : (idx + 1) * block_size]
@@ -323,6 +339,7 @@ class LLMEngine:
         block_ids = torch.tensor([block.block_id for block in blocks])
         staged = ops.gather_blocks(self.runner.kv_cache, block_ids).cpu()
         self.kv_store.save(hashes, tokens, staged)
+        self.num_saved_tokens += len(blocks) * block_size
 
     def _swap_out(self, request: Request) -> None:
         """Before a preempted request's blocks are freed: keep its full blocks in the store."""

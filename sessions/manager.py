@@ -251,6 +251,16 @@ class SessionManager:
         )
         return {"device": on_device, "store": in_store, "total": len(session.token_ids)}
 
+    def tier_health(self) -> dict[str, bool]:
+        """Whether each storage tier currently answers (False = degraded: the service keeps
+        working, recomputing what the tier would have provided)."""
+        health = {"session_records": self.records.healthy}
+        store = self.llm.kv_store
+        tiers = getattr(store, "tiers", [store] if store is not None else [])
+        for tier in tiers:
+            health[type(tier).__name__] = bool(getattr(tier, "healthy", True))
+        return health
+
     def _refresh_state(self, session: Session) -> None:
         """A pin the engine released under pressure turns a PAUSED session OFFLOADED."""
         if session.state is SessionState.PAUSED and (

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from engine.model_loader import LoadedModel, load_model
+from tests.redis_fixture import redis_process, redis_server  # noqa: F401  (fixtures)
 
 TINY_COMMON: dict[str, Any] = {
     "vocab_size": 49152,
@@ -21,7 +22,7 @@ TINY_COMMON: dict[str, Any] = {
     "num_hidden_layers": 2,
     "num_attention_heads": 4,
     "num_key_value_heads": 2,
-    "max_position_embeddings": 1024,
+    "max_position_embeddings": 2048,
     "initializer_range": 0.2,
     "tie_word_embeddings": False,
     "bos_token_id": 1,

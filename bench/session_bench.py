@@ -1,0 +1,221 @@
+"""Session resume cost on SmolLM2: KV kept vs restored (host, Redis) vs full recompute.
+
+    python bench/session_bench.py [--redis-url redis://...]   # starts a redis-server if no URL
+
+All figures come from the same process and are printed with what they are compared with.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import redis
+
+from engine.async_engine import AsyncEngine
+from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine
+from engine.model_loader import LoadedModel, load_model
+from engine.sampling_params import SamplingParams
+from sessions.kv_tiers import RedisKVStore
+from sessions.manager import SessionManager
+from sessions.policy import PausePolicy
+from sessions.record_store import MemoryRecordStore
+from sessions.session import Session
+from sessions.tiering import build_kv_store
+
+FIRST_TOKEN = SamplingParams(temperature=0.0, max_tokens=1)
+
+
+@contextmanager
+def local_redis() -> Iterator[str]:
+    """A throw-away redis-server on a free loopback port."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    workdir = tempfile.mkdtemp(prefix="tarry-bench-redis-")
+    server = subprocess.Popen(
+        [
+            "redis-server",
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            workdir,
+        ],
+        stdout=subprocess.DEVNULL,
+    )
+    url = f"redis://127.0.0.1:{port}/0"
+    try:
+        for _ in range(100):
+            try:
+                redis.Redis.from_url(url).ping()
+                break
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        yield url
+    finally:
+        server.terminate()
+        server.wait()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def make_manager(loaded: LoadedModel, tiers: list[str], redis_url: str) -> SessionManager:
+    engine = LLMEngine(loaded, EngineConfig(max_num_batched_tokens=2048))
+    engine.attach_kv_store(
+        build_kv_store(
+            engine,
+            host_capacity_bytes=(2 << 30) if "host" in tiers else None,
+            redis_client=redis.Redis.from_url(redis_url) if "redis" in tiers else None,
+        )
+    )
+    runner = AsyncEngine(engine)
+    runner.start()
+    # Pauses here always keep: the benchmark decides placement itself.
+    return SessionManager(runner, MemoryRecordStore(), PausePolicy(keep_ttl_s=1e9, turn_pause_s=0))
+
+
+def turn_ttft(manager: SessionManager, session: Session, text: str) -> float:
+    """Seconds from the turn's submission to its first token."""
+    manager.append(session, [{"role": "user", "content": text}])
+
+    async def first_token() -> float:
+        start = time.perf_counter()
+        async for _ in manager.generate(session, FIRST_TOKEN):
+            pass
+        return time.perf_counter() - start
+
+    return asyncio.run(first_token())
+
+
+def context_text(num_tokens: int, seed: int) -> str:
+    words = ["alpha", "river", "stone", "quiet", "engine", "garden", "signal", "copper"]
+    return " ".join(words[(i * 7 + seed) % len(words)] for i in range(num_tokens))
+
+
+def build_session(manager: SessionManager, num_tokens: int, seed: int) -> Session:
+    session = manager.create("bench", instructions=context_text(num_tokens, seed))
+    turn_ttft(manager, session, "Summarise.")
+    return session
+
+
+def drop_device(manager: SessionManager, session: Session) -> None:
+    llm = manager.llm
+    manager.engine.run_exclusive(llm.unpin, session.session_id)
+    manager.engine.run_exclusive(llm.kv_manager.pool.reset_prefix_cache)
+
+
+def resume_vs_recompute(loaded: LoadedModel, redis_url: str) -> None:
+    manager = make_manager(loaded, [], redis_url)
+    for size in (1024, 2048, 4096):
+        session = build_session(manager, size, size)
+        kept = turn_ttft(manager, session, "One more question.")
+        drop_device(manager, session)
+        recompute = turn_ttft(manager, session, "And another one.")
+        print(
+            f"resume TTFT at {len(session.token_ids):5d} tokens: KV kept {kept * 1000:8.1f} ms"
+            f"  recompute {recompute * 1000:8.1f} ms  speed-up {recompute / kept:6.1f}x"
+            f"  (target >= 10x at 4k)",
+            flush=True,
+        )
+    manager.engine.shutdown()
+
+
+def restore_vs_recompute(loaded: LoadedModel, redis_url: str) -> None:
+    for tier in ("host", "redis"):
+        manager = make_manager(loaded, [tier], redis_url)
+        session = build_session(manager, 4096, 1)
+        manager.offload(session)
+        drop_device(manager, session)
+        restored = turn_ttft(manager, session, "Continue.")
+        restored_tokens = session.last_usage.restored_tokens
+        manager.engine.run_exclusive(manager.llm.attach_kv_store, None)
+        drop_device(manager, session)
+        recompute = turn_ttft(manager, session, "Continue again.")
+        print(
+            f"4k restore from {tier:<5}: TTFT {restored * 1000:8.1f} ms ({restored_tokens} "
+            f"tokens restored)  recompute {recompute * 1000:8.1f} ms  speed-up "
+            f"{recompute / restored:6.1f}x  (target Redis >= 10x)",
+            flush=True,
+        )
+        manager.engine.shutdown()
+
+
+def redis_bandwidth(loaded: LoadedModel, redis_url: str) -> None:
+    manager = make_manager(loaded, ["redis"], redis_url)
+    session = build_session(manager, 4096, 2)
+    manager.offload(session)
+    llm = manager.llm
+    hashes = llm.kv_manager.hashes_for_tokens(session.token_ids, session.cache_salt)
+    block_size = llm.config.block_size
+    tokens = [session.token_ids[i * block_size : (i + 1) * block_size] for i in range(len(hashes))]
+    store = RedisKVStore(
+        redis.Redis.from_url(redis_url),
+        llm.fingerprint,
+        dtype=llm.loaded.dtype,
+        block_shape=llm.kv_block_shape,
+    )
+    store.load(hashes, tokens)  # warm-up
+    start = time.perf_counter()
+    staged = store.load(hashes, tokens)
+    elapsed = time.perf_counter() - start
+    assert staged is not None
+    nbytes = staged.numel() * staged.element_size()
+    print(
+        f"Redis restore bandwidth: {nbytes / elapsed / 1e9:.2f} GB/s ({nbytes / 1e6:.0f} MB in "
+        f"{elapsed * 1000:.0f} ms, {len(hashes)} blocks, pipelined)  (target >= 0.8 GB/s)"
+    )
+    manager.engine.shutdown()
+
+
+def shared_prefix_blocks(loaded: LoadedModel, redis_url: str) -> None:
+    manager = make_manager(loaded, [], redis_url)
+    shared = context_text(1000, 3)
+    sessions = []
+    for idx in range(32):
+        session = manager.create("bench", instructions=shared)
+        turn_ttft(manager, session, f"Agent {idx} here.")
+        sessions.append(session)
+    pins = manager.llm.kv_manager.pins
+    used = len({block.block_id for blocks in pins.values() for block in blocks})
+    unshared = sum(len(s.token_ids) // manager.llm.config.block_size for s in sessions)
+    print(
+        f"32 sessions sharing a {len(manager.tokenizer.encode(shared))}-token prefix: "
+        f"{used} device blocks pinned (without sharing: {unshared})"
+    )
+    manager.engine.shutdown()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--redis-url", default=None)
+    args = parser.parse_args()
+    loaded = load_model(None, device="cpu")
+    if args.redis_url:
+        run_all(loaded, args.redis_url)
+    else:
+        with local_redis() as url:
+            run_all(loaded, url)
+
+
+def run_all(loaded: LoadedModel, redis_url: str) -> None:
+    resume_vs_recompute(loaded, redis_url)
+    restore_vs_recompute(loaded, redis_url)
+    redis_bandwidth(loaded, redis_url)
+    shared_prefix_blocks(loaded, redis_url)
+
+
+if __name__ == "__main__":
+    main()
