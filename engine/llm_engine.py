@@ -227,7 +227,6 @@ class LLMEngine:
         self, request: Request, token_id: int, logprob: TokenLogprob | None
     ) -> RequestOutput:
         state = self._states[request.request_id]
-        params = request.sampling_params
         request.append_output_token(token_id)
         new_text = state.text.add(state.detokenizer.append(token_id))
         status = self._stop_status(request, token_id, state.text)
@@ -246,7 +245,7 @@ class LLMEngine:
             num_cached_tokens=max(0, request.num_cached_tokens),
             num_restored_tokens=request.num_restored_tokens,
             num_output_tokens=request.num_output_tokens,
-            logprobs=[logprob] if logprob is not None else None if params.logprobs is None else [],
+            logprobs=[logprob] if logprob is not None else None,
         )
 
     def _stop_status(
