@@ -28,6 +28,25 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--system", default=None, help="system prompt")
     gen.add_argument("--raw", action="store_true", help="send the prompt without the chat template")
+    serve = commands.add_parser(
+        "serve", help="serve the WebSocket session protocol and OpenAI HTTP"
+    )
+    add_model_args(serve)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--redis-url", default=None, help="share sessions and KV through Redis")
+    serve.add_argument(
+        "--api-key",
+        action="append",
+        default=[],
+        help="accepted bearer token (repeatable); required off loopback",
+    )
+    serve.add_argument(
+        "--host-kv-gib",
+        type=float,
+        default=1.0,
+        help="host-memory KV tier size in GiB (0 disables)",
+    )
     return parser
 
 
@@ -84,9 +103,42 @@ async def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from api.app import build_app
+    from api.server import ServeOptions, build_state, is_loopback
+
+    if not is_loopback(args.host) and not args.api_key:
+        raise ValueError(f"--api-key is required to listen on the non-loopback host {args.host}")
+    engine = engine_from_args(args)
+    options = ServeOptions(
+        host=args.host,
+        port=args.port,
+        redis_url=args.redis_url,
+        api_keys=tuple(args.api_key),
+        host_kv_bytes=int(args.host_kv_gib * (1 << 30)),
+    )
+    state = build_state(engine, options)
+    print(
+        f"tarry: serving {state.model_name} on http://{args.host}:{args.port} "
+        f"(WebSocket sessions at ws://{args.host}:{args.port}/v1/sessions, "
+        f"Redis {'at ' + args.redis_url if args.redis_url else 'not configured'})",
+        file=sys.stderr,
+        flush=True,
+    )
+    uvicorn.run(
+        build_app(state), host=args.host, port=args.port, log_level="info", ws="websockets-sansio"
+    )
+    state.runner.shutdown()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "serve":
+            return _serve(args)
         if args.command == "generate":
             return asyncio.run(_generate(args))
     except (ModelLoadError, InvalidRequestError, ValueError) as exc:

@@ -86,6 +86,9 @@ class SessionManager:
         self._refresh_state(session)
         return session
 
+    def all_sessions(self) -> list[Session]:
+        return list(self._sessions.values())
+
     def sessions_of(self, owner: str) -> list[Session]:
         return [s for s in self._sessions.values() if s.owner == owner]
 
@@ -98,13 +101,18 @@ class SessionManager:
         self.records.save(session.to_record())
 
     async def generate(
-        self, session: Session, params: SamplingParams, waiting_for_tool: bool = False
+        self,
+        session: Session,
+        params: SamplingParams,
+        waiting_for_tool: bool = False,
+        record: bool = True,
     ) -> AsyncIterator[RequestOutput]:
         """Generate the next assistant message; only tokens not already in KV are prefilled.
 
         The turn is recorded (assistant message, token ids, usage) when it finishes; if it is
         cancelled, the session keeps its previous history. Either way it ends PAUSED or
-        OFFLOADED per the pause policy, and the record is persisted.
+        OFFLOADED per the pause policy, and the record is persisted. With ``record=False``
+        (prefill only) the output is discarded: only the prompt's KV is computed and kept.
         """
         self._require_idle(session)
         if not session.messages:
@@ -123,11 +131,15 @@ class SessionManager:
                     final = out
                 yield out
         finally:
-            if final is not None:
+            if final is not None and record:
                 self._record_turn(session, prompt, produced, "".join(pieces), final)
+            elif final is not None:
+                session.last_usage = TurnUsage(
+                    len(prompt), 0, final.num_cached_tokens, final.num_restored_tokens
+                )
             session.transition(SessionState.PAUSED)
             session.last_active_at = time.monotonic()
-            self._apply_pause_policy(session, waiting_for_tool)
+            self._apply_pause_policy(session, waiting_for_tool, None if record else prompt)
             self.records.save(session.to_record())
 
     def _record_turn(
@@ -192,16 +204,20 @@ class SessionManager:
 
     # -- KV placement ------------------------------------------------------------------------
 
-    def _apply_pause_policy(self, session: Session, waiting_for_tool: bool) -> PauseDecision:
+    def _apply_pause_policy(
+        self, session: Session, waiting_for_tool: bool, context: list[int] | None = None
+    ) -> PauseDecision:
+        """Keep, offload or drop the KV of ``context`` (default: the session's token ids)."""
+        context = session.token_ids if context is None else context
         if self.persist_kv and self.llm.kv_store is not None:
-            self.engine.run_exclusive(self.llm.save_tokens, session.token_ids, session.cache_salt)
+            self.engine.run_exclusive(self.llm.save_tokens, context, session.cache_salt)
         decision = self.policy.decide(
-            len(session.token_ids),
+            len(context),
             self.policy.expected_pause_s(waiting_for_tool),
             self.llm.kv_manager.usage(),
         )
         if decision is PauseDecision.KEEP:
-            self._pin(session)
+            self._pin(session, context)
         elif decision is PauseDecision.OFFLOAD:
             self.offload(session)
         else:
@@ -209,9 +225,10 @@ class SessionManager:
             session.transition(SessionState.OFFLOADED)
         return decision
 
-    def _pin(self, session: Session) -> None:
+    def _pin(self, session: Session, context: list[int] | None = None) -> None:
+        context = session.token_ids if context is None else context
         self.engine.run_exclusive(
-            self.llm.pin_tokens, session.session_id, session.token_ids, session.cache_salt
+            self.llm.pin_tokens, session.session_id, context, session.cache_salt
         )
         session.keep_until = time.monotonic() + self.policy.keep_ttl_s
         session.transition(SessionState.PAUSED)

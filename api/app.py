@@ -1,0 +1,71 @@
+"""The Starlette application: routes, error handling, health and metrics."""
+
+from __future__ import annotations
+
+import time
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route, WebSocketRoute
+
+from api import openai_http, sessions_http
+from api.errors import APIError
+from api.state import ServerState
+from api.ws_sessions import session_socket
+from sessions.session import SessionState
+
+
+async def health(request: Request) -> Response:
+    state: ServerState = request.app.state.tarry
+    tiers = state.sessions.tier_health()
+    status = "ok" if all(tiers.values()) else "degraded"
+    return JSONResponse(
+        {
+            "status": status,
+            "model": state.model_name,
+            "engine_running": state.runner.is_running,
+            "tiers": tiers,
+            "kv_pool_usage": round(state.runner.engine.kv_manager.usage(), 4),
+            "time": time.time(),
+        }
+    )
+
+
+async def metrics(request: Request) -> Response:
+    state: ServerState = request.app.state.tarry
+    engine = state.runner.engine
+    state.metrics.pool_usage.set(engine.kv_manager.usage())
+    counts = {s.value: 0 for s in SessionState}
+    for session in state.sessions.all_sessions():
+        counts[session.state.value] += 1
+    for name, count in counts.items():
+        state.metrics.sessions.labels(name).set(count)
+    for tier, up in state.sessions.tier_health().items():
+        state.metrics.tier_up.labels(tier).set(1 if up else 0)
+    return Response(state.metrics.render(), media_type="text/plain; version=0.0.4")
+
+
+async def api_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, APIError)
+    return JSONResponse(exc.body(), status_code=exc.status)
+
+
+def build_app(state: ServerState) -> Starlette:
+    """The HTTP + WebSocket app serving ``state``'s model."""
+    app = Starlette(
+        routes=[
+            Route("/health", health),
+            Route("/metrics", metrics),
+            Route("/v1/models", openai_http.models),
+            Route("/v1/chat/completions", openai_http.chat_completions, methods=["POST"]),
+            Route("/v1/completions", openai_http.completions, methods=["POST"]),
+            Route("/v1/sessions", sessions_http.list_sessions, methods=["GET"]),
+            Route("/v1/sessions/{session_id}", sessions_http.get_session, methods=["GET"]),
+            Route("/v1/sessions/{session_id}", sessions_http.delete_session, methods=["DELETE"]),
+            WebSocketRoute("/v1/sessions", session_socket),
+        ],
+        exception_handlers={APIError: api_error},
+    )
+    app.state.tarry = state
+    return app

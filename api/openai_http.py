@@ -1,0 +1,312 @@
+"""OpenAI-compatible HTTP endpoints: /v1/chat/completions, /v1/completions, /v1/models."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from api.errors import APIError
+from api.openai_params import sampling_from_openai
+from api.state import ServerState
+from engine.errors import InvalidRequestError
+from engine.outputs import RequestOutput, TokenLogprob
+from engine.sampling_params import SamplingParams
+
+
+async def read_json(request: Request, max_bytes: int) -> dict[str, Any]:
+    raw = await request.body()
+    if len(raw) > max_bytes:
+        raise APIError(f"request body over {max_bytes} bytes", code="request_too_large", status=413)
+    try:
+        body = json.loads(raw)
+    except ValueError as exc:
+        raise APIError(f"malformed JSON: {exc}") from exc
+    if not isinstance(body, dict):
+        raise APIError("the request body must be a JSON object")
+    return body
+
+
+def chat_messages(body: dict[str, Any]) -> list[dict[str, Any]]:
+    """Validated chat messages with string content (text parts are joined)."""
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise APIError("messages must be a non-empty list", param="messages")
+    result = []
+    for message in messages:
+        if not isinstance(message, dict) or message.get("role") not in (
+            "system",
+            "developer",
+            "user",
+            "assistant",
+            "tool",
+        ):
+            raise APIError(
+                "each message needs a role: system, user, assistant or tool", param="messages"
+            )
+        content = message.get("content") or ""
+        if isinstance(content, list):
+            content = "".join(part.get("text", "") for part in content if isinstance(part, dict))
+        if not isinstance(content, str):
+            raise APIError(
+                "message content must be a string or a list of text parts", param="messages"
+            )
+        role = "system" if message["role"] == "developer" else message["role"]
+        result.append({"role": role, "content": content})
+    return result
+
+
+class Completion:
+    """Accumulates engine deltas of one request into OpenAI-shaped results."""
+
+    def __init__(self, model: str, kind: str) -> None:
+        self.id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{secrets.token_hex(12)}"
+        self.created = int(time.time())
+        self.model = model
+        self.kind = kind
+        self.text = ""
+        self.finish_reason: str | None = None
+        self.logprobs: list[TokenLogprob] = []
+        self.last: RequestOutput | None = None
+
+    def add(self, out: RequestOutput) -> None:
+        self.text += out.new_text
+        self.logprobs += out.logprobs or []
+        self.last = out
+        if out.finished:
+            self.finish_reason = "length" if out.finish_reason == "length" else "stop"
+
+    def usage(self) -> dict[str, Any]:
+        out = self.last
+        prompt = out.num_prompt_tokens if out else 0
+        completion = out.num_output_tokens if out else 0
+        cached = out.num_cached_tokens if out else 0
+        return {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached},
+        }
+
+
+def _chat_logprobs(tokenizer: Any, entries: list[TokenLogprob]) -> dict[str, Any]:
+    def item(token_id: int, logprob: float) -> dict[str, Any]:
+        text = tokenizer.decode([token_id])
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+    return {
+        "content": [
+            {**item(e.token_id, e.logprob), "top_logprobs": [item(t, lp) for t, lp in e.top]}
+            for e in entries
+        ]
+    }
+
+
+async def _generate(
+    state: ServerState, prompt: list[int], params: SamplingParams, owner: str, endpoint: str
+) -> AsyncIterator[RequestOutput]:
+    started = time.perf_counter()
+    first = True
+    try:
+        async for out in state.runner.generate(prompt, params, cache_salt=owner):
+            if first:
+                state.metrics.ttft.observe(time.perf_counter() - started)
+                first = False
+            if out.finished:
+                state.metrics.record_usage(
+                    out.num_prompt_tokens,
+                    out.num_output_tokens,
+                    out.num_cached_tokens,
+                    out.num_restored_tokens,
+                )
+            yield out
+    except InvalidRequestError as exc:
+        state.metrics.requests.labels(endpoint, "400").inc()
+        raise APIError(str(exc)) from exc
+    state.metrics.requests.labels(endpoint, "200").inc()
+
+
+async def _first_then_rest(
+    stream: AsyncIterator[RequestOutput],
+) -> tuple[RequestOutput | None, AsyncIterator[RequestOutput]]:
+    """Pull the first output so that request errors surface before a 200 is sent."""
+    try:
+        first = await stream.__anext__()
+    except StopAsyncIteration:
+        return None, stream
+    return first, stream
+
+
+async def chat_completions(request: Request) -> Response:
+    state: ServerState = request.app.state.tarry
+    owner = state.owner_for(request.headers.get("authorization"))
+    body = await read_json(request, state.limits.max_frame_bytes)
+    if body.get("tools") and body.get("tool_choice") != "none":
+        raise APIError("tool calling over HTTP is not available yet", param="tools")
+    params = sampling_from_openai(body, state.limits.max_output_tokens)
+    engine = state.runner.engine
+    prompt = engine.apply_chat_template(chat_messages(body))
+    completion = Completion(state.model_name, "chat")
+    first, stream = await _first_then_rest(_generate(state, prompt, params, owner, "chat"))
+    if not body.get("stream"):
+        for out in [first] if first else []:
+            completion.add(out)
+        async for out in stream:
+            completion.add(out)
+        choice: dict[str, Any] = {
+            "index": 0,
+            "message": {"role": "assistant", "content": completion.text},
+            "finish_reason": completion.finish_reason,
+            "logprobs": None,
+        }
+        if params.logprobs is not None:
+            choice["logprobs"] = _chat_logprobs(engine.tokenizer, completion.logprobs)
+        return JSONResponse(
+            {
+                "id": completion.id,
+                "object": "chat.completion",
+                "created": completion.created,
+                "model": state.model_name,
+                "choices": [choice],
+                "usage": completion.usage(),
+            }
+        )
+    include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+    return StreamingResponse(
+        _chat_sse(completion, first, stream, include_usage, engine.tokenizer, params),
+        media_type="text/event-stream",
+    )
+
+
+async def _chat_sse(
+    completion: Completion,
+    first: RequestOutput | None,
+    stream: AsyncIterator[RequestOutput],
+    include_usage: bool,
+    tokenizer: Any,
+    params: SamplingParams,
+) -> AsyncIterator[str]:
+    def chunk(delta: dict[str, Any], finish: str | None, logprobs: Any = None) -> str:
+        payload = {
+            "id": completion.id,
+            "object": "chat.completion.chunk",
+            "created": completion.created,
+            "model": completion.model,
+            "choices": [
+                {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": logprobs}
+            ],
+        }
+        if include_usage:
+            payload["usage"] = None
+        return f"data: {json.dumps(payload)}\n\n"
+
+    yield chunk({"role": "assistant", "content": ""}, None)
+
+    async for out in _chain([first] if first else [], stream):
+        completion.add(out)
+        logprobs = None
+        if params.logprobs is not None and out.logprobs:
+            logprobs = _chat_logprobs(tokenizer, out.logprobs)
+        if out.new_text or logprobs:
+            yield chunk({"content": out.new_text}, None, logprobs)
+        if out.finished:
+            yield chunk({}, completion.finish_reason)
+    if include_usage:
+        usage = {
+            "id": completion.id,
+            "object": "chat.completion.chunk",
+            "created": completion.created,
+            "model": completion.model,
+            "choices": [],
+            "usage": completion.usage(),
+        }
+        yield f"data: {json.dumps(usage)}\n\n"
+    yield "data: [DONE]\n\n"
+
+
+async def completions(request: Request) -> Response:
+    state: ServerState = request.app.state.tarry
+    owner = state.owner_for(request.headers.get("authorization"))
+    body = await read_json(request, state.limits.max_frame_bytes)
+    prompt_field = body.get("prompt")
+    if isinstance(prompt_field, str):
+        prompt = state.runner.engine.tokenize(prompt_field)
+    elif isinstance(prompt_field, list) and all(isinstance(t, int) for t in prompt_field):
+        prompt = list(prompt_field)
+    else:
+        raise APIError("prompt must be a string or a list of token ids", param="prompt")
+    params = sampling_from_openai(body, state.limits.max_output_tokens)
+    completion = Completion(state.model_name, "text")
+    first, stream = await _first_then_rest(_generate(state, prompt, params, owner, "completions"))
+    if not body.get("stream"):
+        for out in [first] if first else []:
+            completion.add(out)
+        async for out in stream:
+            completion.add(out)
+        return JSONResponse(
+            {
+                "id": completion.id,
+                "object": "text_completion",
+                "created": completion.created,
+                "model": state.model_name,
+                "choices": [
+                    {
+                        "index": 0,
+                        "text": completion.text,
+                        "logprobs": None,
+                        "finish_reason": completion.finish_reason,
+                    }
+                ],
+                "usage": completion.usage(),
+            }
+        )
+
+    async def sse() -> AsyncIterator[str]:
+        pending = [first] if first else []
+        async for out in _chain(pending, stream):
+            completion.add(out)
+            payload = {
+                "id": completion.id,
+                "object": "text_completion",
+                "created": completion.created,
+                "model": state.model_name,
+                "choices": [
+                    {
+                        "index": 0,
+                        "text": out.new_text,
+                        "logprobs": None,
+                        "finish_reason": completion.finish_reason,
+                    }
+                ],
+            }
+            yield f"data: {json.dumps(payload)}\n\n"
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(sse(), media_type="text/event-stream")
+
+
+async def _chain(
+    head: list[RequestOutput], rest: AsyncIterator[RequestOutput]
+) -> AsyncIterator[RequestOutput]:
+    for out in head:
+        yield out
+    async for out in rest:
+        yield out
+
+
+async def models(request: Request) -> Response:
+    state: ServerState = request.app.state.tarry
+    state.owner_for(request.headers.get("authorization"))
+    return JSONResponse(
+        {
+            "object": "list",
+            "data": [
+                {"id": state.model_name, "object": "model", "created": 0, "owned_by": "tarry"}
+            ],
+        }
+    )

@@ -1,0 +1,92 @@
+"""Build a serving stack (engine, tiers, sessions, app) and run it with uvicorn."""
+
+from __future__ import annotations
+
+import ipaddress
+import threading
+import time
+from dataclasses import dataclass
+
+import redis
+import uvicorn
+
+from api.app import build_app
+from api.state import Limits, ServerState
+from engine.async_engine import AsyncEngine
+from engine.llm_engine import LLMEngine
+from sessions.manager import SessionManager
+from sessions.record_store import MemoryRecordStore, RedisRecordStore, SessionRecordStore
+from sessions.tiering import build_kv_store
+
+
+@dataclass
+class ServeOptions:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    redis_url: str | None = None
+    api_keys: tuple[str, ...] = ()
+    host_kv_bytes: int = 1 << 30
+    limits: Limits | None = None
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def build_state(engine: LLMEngine, options: ServeOptions) -> ServerState:
+    """KV tiers + session manager around ``engine``; starts the engine's step loop.
+
+    Raises ValueError when a non-loopback host is asked for without an API key.
+    """
+    if not is_loopback(options.host) and not options.api_keys:
+        raise ValueError(f"--api-key is required to listen on the non-loopback host {options.host}")
+    client = redis.Redis.from_url(options.redis_url) if options.redis_url else None
+    engine.attach_kv_store(build_kv_store(engine, options.host_kv_bytes, client))
+    records: SessionRecordStore = RedisRecordStore(client) if client else MemoryRecordStore()
+    runner = AsyncEngine(engine)
+    runner.start()
+    return ServerState(
+        runner=runner,
+        sessions=SessionManager(runner, records),
+        model_name=engine.loaded.name,
+        api_keys=set(options.api_keys),
+        limits=options.limits or Limits(),
+    )
+
+
+class BackgroundServer:
+    """uvicorn in a thread (tests, benchmarks): ``start()`` returns once it accepts requests."""
+
+    def __init__(self, state: ServerState, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.state = state
+        config = uvicorn.Config(
+            build_app(state),
+            host=host,
+            port=port,
+            log_level="warning",
+            ws="websockets-sansio",
+            lifespan="off",
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def start(self) -> str:
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the server did not start")
+            time.sleep(0.02)
+        sock = self.server.servers[0].sockets[0]
+        host, port = sock.getsockname()[:2]
+        return f"http://{host}:{port}"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+        self.state.runner.shutdown()

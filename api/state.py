@@ -1,0 +1,43 @@
+"""Everything a request handler needs, built once by ``tarry serve`` (or a test) and passed in."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from api.errors import APIError
+from api.metrics import Metrics
+from engine.async_engine import AsyncEngine
+from sessions.manager import SessionManager
+
+
+@dataclass
+class Limits:
+    max_frame_bytes: int = 1 << 20
+    max_items_per_session: int = 1000
+    max_output_tokens: int = 4096
+    max_sessions_per_key: int = 256
+    idle_timeout_s: float = 600.0
+    max_events_per_second: int = 200
+
+
+@dataclass
+class ServerState:
+    """The served model and its session manager; ``api_keys`` empty = no authentication."""
+
+    runner: AsyncEngine
+    sessions: SessionManager
+    model_name: str
+    api_keys: set[str] = field(default_factory=set)
+    limits: Limits = field(default_factory=Limits)
+    metrics: Metrics = field(default_factory=Metrics)
+
+    def owner_for(self, authorization: str | None) -> str:
+        """The tenant a bearer token belongs to; raises APIError(401) for a bad or missing key."""
+        token = None
+        if authorization and authorization.lower().startswith("bearer "):
+            token = authorization[7:].strip()
+        if not self.api_keys:
+            return "key:" + (token or "anonymous")
+        if token is None or token not in self.api_keys:
+            raise APIError("invalid or missing API key", code="invalid_api_key", status=401)
+        return "key:" + token

@@ -1,0 +1,390 @@
+"""The WebSocket session protocol at ``/v1/sessions`` (see docs/PROTOCOL.md).
+
+One connection drives one session at a time. Client events are handled in order; a response
+runs as a task so that ``response.cancel`` (and everything else) stays responsive. A dropped
+connection cancels the running response; the session stays PAUSED and can be resumed with
+``session.resume`` from any connection of the same key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import secrets
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from api.errors import APIError
+from api.openai_params import sampling_from_openai
+from api.state import ServerState
+from api.ws_protocol import (
+    AUTH_SUBPROTOCOL_PREFIX,
+    MSGPACK_SUBPROTOCOL,
+    ProtocolError,
+    decode_frame,
+    encode_frame,
+    error_event,
+    item_to_message,
+    session_config,
+    usage_of,
+)
+from engine.errors import InvalidRequestError
+from sessions.errors import SessionError
+from sessions.session import Session
+
+CLOSE_AUTH = 4001
+CLOSE_IDLE = 4000
+CLOSE_RATE = 4008
+
+
+def _token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class SessionConnection:
+    """State of one WebSocket connection: the bound session and its running response."""
+
+    def __init__(self, websocket: WebSocket, state: ServerState, owner: str, binary: bool) -> None:
+        self.websocket = websocket
+        self.state = state
+        self.owner = owner
+        self.binary = binary
+        self.session: Session | None = None
+        self.response_task: asyncio.Task[None] | None = None
+        self._send_lock = asyncio.Lock()
+        self._window_start = time.monotonic()
+        self._window_events = 0
+
+    async def send(self, event: dict[str, Any]) -> None:
+        frame = encode_frame(event, self.binary)
+        async with self._send_lock:
+            if isinstance(frame, bytes):
+                await self.websocket.send_bytes(frame)
+            else:
+                await self.websocket.send_text(frame)
+
+    async def send_error(self, code: str, message: str, event_id: str | None = None) -> None:
+        await self.send(error_event(code, message, event_id))
+
+    # -- the receive loop -----------------------------------------------------------------
+
+    async def serve(self) -> None:
+        limits = self.state.limits
+        try:
+            while True:
+                try:
+                    message = await asyncio.wait_for(
+                        self.websocket.receive(), timeout=limits.idle_timeout_s
+                    )
+                except TimeoutError:
+                    await self.websocket.close(CLOSE_IDLE, "idle timeout")
+                    return
+                if message["type"] == "websocket.disconnect":
+                    return
+                if not self._within_rate():
+                    await self.send_error("rate_limited", "too many events per second")
+                    if self._window_events > 2 * limits.max_events_per_second:
+                        await self.websocket.close(CLOSE_RATE, "rate limit exceeded")
+                        return
+                    continue
+                await self._handle_frame(message)
+        except WebSocketDisconnect:
+            return
+        finally:
+            if self.response_task is not None and not self.response_task.done():
+                self.response_task.cancel()
+                await asyncio.gather(self.response_task, return_exceptions=True)
+
+    def _within_rate(self) -> bool:
+        now = time.monotonic()
+        if now - self._window_start >= 1.0:
+            self._window_start, self._window_events = now, 0
+        self._window_events += 1
+        return self._window_events <= self.state.limits.max_events_per_second
+
+    async def _handle_frame(self, message: Mapping[str, Any]) -> None:
+        data = message.get("bytes") if message.get("bytes") is not None else message.get("text")
+        if data is None:
+            return
+        if len(data) > self.state.limits.max_frame_bytes:
+            await self.send_error(
+                "frame_too_large",
+                f"frames are limited to {self.state.limits.max_frame_bytes} bytes",
+            )
+            return
+        event_id = None
+        try:
+            event = decode_frame(data, isinstance(data, bytes))
+            event_id = event.get("event_id")
+            await self._dispatch(event)
+        except ProtocolError as exc:
+            await self.send_error(exc.code, exc.message, exc.event_id or event_id)
+        except SessionError as exc:
+            await self.send_error(exc.code, str(exc), event_id)
+        except APIError as exc:
+            await self.send_error(exc.code, exc.message, event_id)
+        except InvalidRequestError as exc:
+            await self.send_error("invalid_request", str(exc), event_id)
+
+    async def _dispatch(self, event: dict[str, Any]) -> None:
+        kind = event["type"]
+        handler = {
+            "session.create": self._create,
+            "session.resume": self._resume,
+            "session.update": self._update,
+            "conversation.item.create": self._item_create,
+            "conversation.item.truncate": self._truncate,
+            "response.create": self._response_create,
+            "response.cancel": self._response_cancel,
+            "session.fork": self._fork,
+            "session.close": self._close,
+        }[kind]
+        if kind not in ("session.create", "session.resume") and self.session is None:
+            raise ProtocolError(
+                "no_session", "send session.create or session.resume first", event.get("event_id")
+            )
+        await handler(event)
+
+    # -- session events -------------------------------------------------------------------
+
+    def _session_info(self, session: Session, resume_token: str | None) -> dict[str, Any]:
+        limits = self.state.limits
+        info: dict[str, Any] = {
+            "id": session.session_id,
+            "object": "session",
+            "model": self.state.model_name,
+            "state": session.state.value,
+            "num_items": len(session.messages),
+            "num_tokens": len(session.token_ids),
+            "limits": {
+                "max_frame_bytes": limits.max_frame_bytes,
+                "max_items": limits.max_items_per_session,
+                "max_output_tokens": limits.max_output_tokens,
+                "idle_timeout_s": limits.idle_timeout_s,
+            },
+        }
+        if resume_token is not None:
+            info["resume_token"] = resume_token
+        return info
+
+    async def _create(self, event: dict[str, Any]) -> None:
+        config = session_config(event)
+        if self.session is not None:
+            raise ProtocolError(
+                "session_already_bound",
+                "this connection already has a session",
+                event.get("event_id"),
+            )
+        manager = self.state.sessions
+        if len(manager.sessions_of(self.owner)) >= self.state.limits.max_sessions_per_key:
+            raise ProtocolError(
+                "too_many_sessions", "this key has too many open sessions", event.get("event_id")
+            )
+        session = manager.create(self.owner, config.get("instructions"), config.get("tools"))
+        resume_token = self._new_resume_token(session, config)
+        self.session = session
+        await self.send(
+            {"type": "session.created", "session": self._session_info(session, resume_token)}
+        )
+
+    def _new_resume_token(self, session: Session, config: dict[str, Any]) -> str:
+        token = secrets.token_urlsafe(24)
+        defaults = {k: v for k, v in config.items() if k not in ("instructions", "tools")}
+        session.settings.update({"resume_token_sha256": _token_hash(token), "defaults": defaults})
+        self.state.sessions.records.save(session.to_record())
+        return token
+
+    async def _resume(self, event: dict[str, Any]) -> None:
+        session_id, token = event.get("session_id"), event.get("resume_token")
+        if not isinstance(session_id, str) or not isinstance(token, str):
+            raise ProtocolError(
+                "invalid_event",
+                "session.resume needs session_id and resume_token",
+                event.get("event_id"),
+            )
+        session = self.state.sessions.get(session_id, self.owner)
+        expected = session.settings.get("resume_token_sha256", "")
+        if not secrets.compare_digest(expected, _token_hash(token)):
+            raise ProtocolError(
+                "session_not_found", f"no session {session_id!r}", event.get("event_id")
+            )
+        self.session = session
+        await self.send({"type": "session.resumed", "session": self._session_info(session, None)})
+
+    async def _update(self, event: dict[str, Any]) -> None:
+        config = session_config(event)
+        session = self._bound()
+        if "instructions" in config:
+            messages = session.messages
+            if messages and messages[0]["role"] == "system":
+                messages[0] = {"role": "system", "content": config["instructions"]}
+            else:
+                messages.insert(0, {"role": "system", "content": config["instructions"]})
+        if "tools" in config:
+            session.tools = list(config["tools"])
+        defaults = session.settings.setdefault("defaults", {})
+        defaults.update({k: v for k, v in config.items() if k not in ("instructions", "tools")})
+        self.state.sessions.records.save(session.to_record())
+        await self.send({"type": "session.updated", "session": self._session_info(session, None)})
+
+    async def _item_create(self, event: dict[str, Any]) -> None:
+        session = self._bound()
+        message = item_to_message(event)
+        if len(session.messages) >= self.state.limits.max_items_per_session:
+            raise ProtocolError(
+                "too_many_items",
+                "the session holds the maximum number of items",
+                event.get("event_id"),
+            )
+        self.state.sessions.append(session, [message])
+        await self.send(
+            {
+                "type": "conversation.item.added",
+                "item": {**event["item"], "id": f"item_{len(session.messages)}"},
+            }
+        )
+
+    async def _truncate(self, event: dict[str, Any]) -> None:
+        count = event.get("count")
+        if not isinstance(count, int) or isinstance(count, bool):
+            raise ProtocolError(
+                "invalid_event",
+                "conversation.item.truncate needs an integer count",
+                event.get("event_id"),
+            )
+        session = self._bound()
+        self.state.sessions.truncate(session, count)
+        await self.send(
+            {
+                "type": "conversation.item.truncated",
+                "count": count,
+                "num_items": len(session.messages),
+            }
+        )
+
+    async def _fork(self, event: dict[str, Any]) -> None:
+        session = self._bound()
+        child = self.state.sessions.fork(session)
+        token = self._new_resume_token(child, dict(session.settings.get("defaults", {})))
+        await self.send({"type": "session.forked", "session": self._session_info(child, token)})
+
+    async def _close(self, event: dict[str, Any]) -> None:
+        session = self._bound()
+        self.state.sessions.close(session)
+        self.session = None
+        await self.send({"type": "session.closed", "session_id": session.session_id})
+
+    def _bound(self) -> Session:
+        assert self.session is not None
+        return self.session
+
+    # -- responses ------------------------------------------------------------------------
+
+    async def _response_create(self, event: dict[str, Any]) -> None:
+        config = session_config(event, "response")
+        session = self._bound()
+        if self.response_task is not None and not self.response_task.done():
+            raise ProtocolError(
+                "conversation_already_has_active_response",
+                "a response is already in progress",
+                event.get("event_id"),
+            )
+        merged = {**session.settings.get("defaults", {}), **config}
+        body = {
+            "max_tokens": merged.get("max_output_tokens"),
+            "temperature": merged.get("temperature"),
+            "top_p": merged.get("top_p"),
+            "seed": merged.get("seed"),
+            "stop": merged.get("stop"),
+        }
+        params = sampling_from_openai(body, self.state.limits.max_output_tokens)
+        if config.get("generate") is False:
+            params.max_tokens = 1  # prefill only: one token is computed, then discarded
+        response_id = f"resp_{secrets.token_hex(12)}"
+        self.response_task = asyncio.create_task(
+            self._run_response(session, response_id, params, config.get("generate", True))
+        )
+        await asyncio.sleep(0)  # let response.created go out before the next event is read
+
+    async def _run_response(
+        self, session: Session, response_id: str, params: Any, generate: bool
+    ) -> None:
+        await self.send(
+            {"type": "response.created", "response": {"id": response_id, "status": "in_progress"}}
+        )
+        text, status = "", "completed"
+        try:
+            async for out in self.state.sessions.generate(session, params, record=generate):
+                if generate and out.new_text:
+                    text += out.new_text
+                    await self.send(
+                        {
+                            "type": "response.output_text.delta",
+                            "response_id": response_id,
+                            "delta": out.new_text,
+                        }
+                    )
+                if out.finished and out.finish_reason == "length":
+                    status = "incomplete"
+        except asyncio.CancelledError:
+            status = "cancelled"
+        except (InvalidRequestError, SessionError) as exc:
+            status = "failed"
+            await self.send_error("invalid_request", str(exc))
+        if status == "cancelled" and self.websocket.client_state.name != "CONNECTED":
+            return
+        await self.send(
+            {
+                "type": "response.done",
+                "response": {
+                    "id": response_id,
+                    "status": status,
+                    "output": [
+                        {
+                            "type": "message",
+                            "role": "assistant",
+                            "content": [{"type": "output_text", "text": text}],
+                        }
+                    ],
+                    "usage": usage_of(session.last_usage),
+                },
+            }
+        )
+        await self.send(
+            {
+                "type": "session.state",
+                "session_id": session.session_id,
+                "state": session.state.value,
+                "kv": self.state.sessions.kv_location(session),
+            }
+        )
+
+    async def _response_cancel(self, event: dict[str, Any]) -> None:
+        task = self.response_task
+        if task is None or task.done():
+            raise ProtocolError(
+                "no_active_response", "there is no response to cancel", event.get("event_id")
+            )
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def session_socket(websocket: WebSocket) -> None:
+    """Accept (auth + subprotocol negotiation), then serve the protocol until disconnect."""
+    state: ServerState = websocket.app.state.tarry
+    offered = list(websocket.scope.get("subprotocols", []))
+    authorization = websocket.headers.get("authorization")
+    for proto in offered:
+        if proto.startswith(AUTH_SUBPROTOCOL_PREFIX) and authorization is None:
+            authorization = "Bearer " + proto[len(AUTH_SUBPROTOCOL_PREFIX) :]
+    try:
+        owner = state.owner_for(authorization)
+    except APIError:
+        await websocket.close(CLOSE_AUTH, "invalid or missing API key")
+        return
+    binary = MSGPACK_SUBPROTOCOL in offered
+    await websocket.accept(subprotocol=MSGPACK_SUBPROTOCOL if binary else None)
+    await SessionConnection(websocket, state, owner, binary).serve()
