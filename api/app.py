@@ -11,6 +11,7 @@ from starlette.routing import Route, WebSocketRoute
 
 from api import openai_http, sessions_http
 from api.errors import APIError
+from api.responses_ws import responses_socket
 from api.state import ServerState
 from api.ws_sessions import session_socket
 from sessions.session import SessionState
@@ -64,6 +65,7 @@ def build_app(state: ServerState) -> Starlette:
             Route("/v1/sessions/{session_id}", sessions_http.get_session, methods=["GET"]),
             Route("/v1/sessions/{session_id}", sessions_http.delete_session, methods=["DELETE"]),
             WebSocketRoute("/v1/sessions", session_socket),
+            WebSocketRoute("/v1/responses", responses_socket),
         ],
         exception_handlers={APIError: api_error},
     )

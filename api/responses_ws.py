@@ -1,0 +1,180 @@
+"""The Responses API WebSocket mode at ``/v1/responses`` (what the OpenAI Agents SDK speaks
+with ``use_responses_websocket=True``).
+
+Each ``response.create`` frame carries a Responses request. With ``previous_response_id``
+(a response of this connection) only the new input items are appended to that response's
+session and its kept KV is reused; otherwise a new session is started from the full input
+(the prefix cache still reuses what earlier requests computed). Events mirror OpenAI's:
+``response.created``, ``response.output_item.added``, ``response.output_text.delta``, ...,
+``response.completed`` (or ``response.incomplete``), and ``error``. Sessions created by a
+connection are closed when it ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from typing import Any
+
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from api.errors import APIError
+from api.openai_params import sampling_from_openai
+from api.responses_items import input_to_messages, message_item, new_id, response_object
+from api.state import ServerState
+from api.ws_protocol import ProtocolError, error_event
+from engine.errors import InvalidRequestError
+from sessions.errors import SessionError
+from sessions.session import Session
+
+CLOSE_AUTH = 4001
+
+
+class ResponsesConnection:
+    def __init__(self, websocket: WebSocket, state: ServerState, owner: str) -> None:
+        self.websocket = websocket
+        self.state = state
+        self.owner = owner
+        self.sessions_by_response: dict[str, Session] = {}
+        self.sequence = 0
+
+    async def send(self, event: dict[str, Any]) -> None:
+        event["sequence_number"] = self.sequence
+        self.sequence += 1
+        await self.websocket.send_text(json.dumps(event))
+
+    async def serve(self) -> None:
+        try:
+            while True:
+                raw = await self.websocket.receive_text()
+                event_id = None
+                try:
+                    if len(raw) > self.state.limits.max_frame_bytes:
+                        raise ProtocolError("frame_too_large", "the frame is too large")
+                    try:
+                        request = json.loads(raw)
+                    except ValueError as exc:
+                        raise ProtocolError("invalid_frame", f"not valid JSON: {exc}") from exc
+                    if not isinstance(request, dict) or request.get("type") != "response.create":
+                        raise ProtocolError("unknown_event", "only response.create is accepted")
+                    event_id = request.get("event_id")
+                    await self._respond(request)
+                except ProtocolError as exc:
+                    await self.send(error_event(exc.code, exc.message, exc.event_id or event_id))
+                except (SessionError, APIError, InvalidRequestError) as exc:
+                    code = getattr(exc, "code", "invalid_request")
+                    await self.send(error_event(code, str(exc), event_id))
+        except WebSocketDisconnect:
+            pass
+        finally:
+            for session in {id(s): s for s in self.sessions_by_response.values()}.values():
+                with contextlib.suppress(SessionError):
+                    self.state.sessions.close(session)
+
+    def _session_for(self, request: dict[str, Any]) -> Session:
+        messages = input_to_messages(request.get("input", []), request.get("event_id"))
+        previous = request.get("previous_response_id")
+        manager = self.state.sessions
+        if previous is not None:
+            session = self.sessions_by_response.get(previous)
+            if session is None:
+                raise ProtocolError(
+                    "previous_response_not_found", f"no response {previous!r} on this connection"
+                )
+        else:
+            session = manager.create(self.owner, request.get("instructions"))
+        if messages:
+            manager.append(session, messages)
+        return session
+
+    async def _respond(self, request: dict[str, Any]) -> None:
+        body = {
+            "max_tokens": request.get("max_output_tokens"),
+            "temperature": request.get("temperature"),
+            "top_p": request.get("top_p"),
+        }
+        params = sampling_from_openai(body, self.state.limits.max_output_tokens)
+        session = self._session_for(request)
+        response_id, item_id = new_id("resp"), new_id("msg")
+        await self.send(
+            {
+                "type": "response.created",
+                "response": response_object(
+                    response_id, self.state.model_name, "in_progress", [], request, None
+                ),
+            }
+        )
+        await self.send(
+            {
+                "type": "response.output_item.added",
+                "output_index": 0,
+                "item": message_item(item_id, "", "in_progress"),
+            }
+        )
+        await self.send(
+            {
+                "type": "response.content_part.added",
+                "item_id": item_id,
+                "output_index": 0,
+                "content_index": 0,
+                "part": {"type": "output_text", "text": "", "annotations": []},
+            }
+        )
+        text, status = "", "completed"
+        async for out in self.state.sessions.generate(session, params):
+            if out.new_text:
+                text += out.new_text
+                await self.send(
+                    {
+                        "type": "response.output_text.delta",
+                        "item_id": item_id,
+                        "output_index": 0,
+                        "content_index": 0,
+                        "delta": out.new_text,
+                        "logprobs": [],
+                    }
+                )
+            if out.finished and out.finish_reason == "length":
+                status = "incomplete"
+        part = {"type": "output_text", "text": text, "annotations": []}
+        await self.send(
+            {
+                "type": "response.output_text.done",
+                "item_id": item_id,
+                "output_index": 0,
+                "content_index": 0,
+                "text": text,
+                "logprobs": [],
+            }
+        )
+        await self.send(
+            {
+                "type": "response.content_part.done",
+                "item_id": item_id,
+                "output_index": 0,
+                "content_index": 0,
+                "part": part,
+            }
+        )
+        item = message_item(item_id, text, "completed")
+        await self.send({"type": "response.output_item.done", "output_index": 0, "item": item})
+        self.sessions_by_response[response_id] = session
+        await self.send(
+            {
+                "type": f"response.{status}",
+                "response": response_object(
+                    response_id, self.state.model_name, status, [item], request, session.last_usage
+                ),
+            }
+        )
+
+
+async def responses_socket(websocket: WebSocket) -> None:
+    state: ServerState = websocket.app.state.tarry
+    try:
+        owner = state.owner_for(websocket.headers.get("authorization"))
+    except APIError:
+        await websocket.close(CLOSE_AUTH, "invalid or missing API key")
+        return
+    await websocket.accept()
+    await ResponsesConnection(websocket, state, owner).serve()
