@@ -1,0 +1,103 @@
+"""Responses API WebSocket mode: the OpenAI Agents SDK and a raw client with
+previous_response_id."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+from websockets.sync.client import connect
+
+from api.server import BackgroundServer, ServeOptions, build_state
+from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine
+
+KEY = "key-agents"
+
+
+@pytest.fixture(scope="module")
+def server(smollm2):
+    engine = LLMEngine(smollm2, EngineConfig(num_kv_blocks=1024, check_integrity=True))
+    state = build_state(engine, ServeOptions(api_keys=(KEY,)))
+    background = BackgroundServer(state)
+    base_url = background.start()
+    yield base_url, state
+    state.sessions.check_integrity()
+    background.stop()
+
+
+def test_agents_sdk_runs_over_the_responses_websocket(server):
+    from agents import Agent, ModelSettings, RunConfig, Runner, set_tracing_disabled
+    from agents.models.openai_provider import OpenAIProvider
+
+    set_tracing_disabled(True)
+    provider = OpenAIProvider(api_key=KEY, base_url=server[0] + "/v1", use_responses_websocket=True)
+    agent = Agent(
+        name="geo",
+        instructions="Answer in one sentence.",
+        model="tarry",
+        model_settings=ModelSettings(temperature=0),
+    )
+    result = asyncio.run(
+        Runner.run(
+            agent, "What is the capital of France?", run_config=RunConfig(model_provider=provider)
+        )
+    )
+    assert "Paris" in result.final_output
+    assert result.raw_responses[-1].usage.output_tokens > 0
+
+
+def _events_until_done(ws):
+    events = []
+    while True:
+        event = json.loads(ws.recv(timeout=120))
+        events.append(event)
+        if event["type"] in ("response.completed", "response.incomplete", "error"):
+            return events
+
+
+def test_previous_response_id_continues_from_kept_kv(server):
+    url = server[0].replace("http://", "ws://") + "/v1/responses"
+    with connect(url, additional_headers={"Authorization": f"Bearer {KEY}"}) as ws:
+        ws.send(
+            json.dumps(
+                {
+                    "type": "response.create",
+                    "model": "tarry",
+                    "temperature": 0,
+                    "instructions": "You are a helpful assistant.",
+                    "input": "What is the capital of France?",
+                }
+            )
+        )
+        first = _events_until_done(ws)
+        kinds = [e["type"] for e in first]
+        assert kinds[0] == "response.created" and kinds[-1] == "response.completed"
+        assert "response.output_text.delta" in kinds and "response.output_item.done" in kinds
+        assert [e["sequence_number"] for e in first] == list(range(len(first)))
+        done = first[-1]["response"]
+        context = done["usage"]["input_tokens"] + done["usage"]["output_tokens"]
+        ws.send(
+            json.dumps(
+                {
+                    "type": "response.create",
+                    "model": "tarry",
+                    "temperature": 0,
+                    "previous_response_id": done["id"],
+                    "input": [{"role": "user", "content": "And of Italy?"}],
+                }
+            )
+        )
+        second = _events_until_done(ws)[-1]["response"]
+        assert second["usage"]["input_tokens_details"]["cached_tokens"] >= context // 16 * 16
+        ws.send(
+            json.dumps(
+                {"type": "response.create", "previous_response_id": "resp_nope", "input": "hi"}
+            )
+        )
+        error = _events_until_done(ws)[-1]
+        assert error["type"] == "error"
+        assert error["error"]["code"] == "previous_response_not_found"
+        ws.send("{oops")
+        assert json.loads(ws.recv(timeout=10))["error"]["code"] == "invalid_frame"
