@@ -1,0 +1,389 @@
+"""The sandbox's interpreter process: ``python -I tools/sandbox_child.py CONFIG_JSON``.
+
+Standard library only (it runs with ``-I``, so nothing from the project is importable). The
+parent (``tools/sandbox.py``) starts it, usually inside fresh mount, network and PID
+namespaces (``unshare --mount-proc -n -p -f``) and as root; the setup below then, in order:
+
+1. (mount namespace) makes mounts private, exposes the Python installation and the working
+   directory when they sit under a directory an unprivileged user cannot traverse (a tmpfs
+   hides the rest of that directory), binds the working directory onto itself and remounts
+   every other mount read-only;
+2. sets the resource limits (address space, processes, file size, total CPU, no core files);
+3. drops to the sandbox's own uid/gid with no supplementary groups and ``no_new_privs``;
+4. blocks ``socket.socket`` when no network namespace isolates it.
+
+Wire protocol (both directions): a 4-byte big-endian length, then that many bytes of UTF-8
+JSON. The child first sends a hello (``{"ready": true, ...}`` or ``{"ready": false, "error":
+...}``), then answers each ``{"code": str, "cpu_time_s": float}`` request with one result
+frame. The protocol uses private duplicates of fds 0/1; fds 0, 1 and 2 themselves point to
+``/dev/null``, so output written straight to a file descriptor (subprocesses, ``os.write``)
+is discarded; ``print`` and ``sys.stdout``/``sys.stderr`` writes are captured and truncated
+while they stream (``output_chars``), so printing 100 MB never builds 100 MB of output.
+
+Every process the code forks is killed when its call ends (processes do not outlive a call).
+"""
+
+from __future__ import annotations
+
+import ast
+import builtins
+import ctypes
+import io
+import json
+import linecache
+import os
+import resource
+import signal
+import struct
+import sys
+import traceback
+from typing import Any
+
+FRAME_HEADER = struct.Struct(">I")
+
+# Linux mount(2) flags.
+MS_RDONLY = 1
+MS_NOSUID = 2
+MS_NODEV = 4
+MS_NOEXEC = 8
+MS_REMOUNT = 32
+MS_NOATIME = 1024
+MS_NODIRATIME = 2048
+MS_BIND = 4096
+MS_REC = 16384
+MS_PRIVATE = 1 << 18
+MS_RELATIME = 1 << 21
+PR_SET_PDEATHSIG = 1
+PR_SET_NO_NEW_PRIVS = 38
+MOUNT_OPTION_FLAGS = {
+    "nosuid": MS_NOSUID,
+    "nodev": MS_NODEV,
+    "noexec": MS_NOEXEC,
+    "noatime": MS_NOATIME,
+    "nodiratime": MS_NODIRATIME,
+    "relatime": MS_RELATIME,
+}
+
+
+class CpuTimeLimitExceeded(BaseException):
+    """Raised inside the running code when its CPU-time budget for the call is spent."""
+
+
+def encode_frame(message: dict[str, Any]) -> bytes:
+    body = json.dumps(message, ensure_ascii=False).encode("utf-8", "surrogatepass")
+    return FRAME_HEADER.pack(len(body)) + body
+
+
+def read_exactly(fd: int, num_bytes: int) -> bytes | None:
+    """Blocking read of ``num_bytes``; None at end of file."""
+    chunks = []
+    while num_bytes > 0:
+        chunk = os.read(fd, min(num_bytes, 1 << 20))
+        if not chunk:
+            return None
+        chunks.append(chunk)
+        num_bytes -= len(chunk)
+    return b"".join(chunks)
+
+
+def read_frame(fd: int) -> dict[str, Any] | None:
+    header = read_exactly(fd, FRAME_HEADER.size)
+    if header is None:
+        return None
+    body = read_exactly(fd, FRAME_HEADER.unpack(header)[0])
+    return None if body is None else json.loads(body)
+
+
+def write_frame(fd: int, message: dict[str, Any]) -> None:
+    data = memoryview(encode_frame(message))
+    while data:
+        data = data[os.write(fd, data) :]
+
+
+class CappedTextStream(io.TextIOBase):
+    """A text sink that keeps the first ``limit_chars`` characters and counts the rest."""
+
+    def __init__(self, limit_chars: int) -> None:
+        self.limit_chars = limit_chars
+        self.parts: list[str] = []
+        self.num_kept = 0
+        self.num_dropped = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        if not isinstance(text, str):
+            raise TypeError(f"write() argument must be str, not {type(text).__name__}")
+        room = self.limit_chars - self.num_kept
+        if room > 0:
+            kept = text[:room]
+            self.parts.append(kept)
+            self.num_kept += len(kept)
+        self.num_dropped += max(0, len(text) - max(room, 0))
+        return len(text)
+
+    def getvalue(self) -> str:
+        return "".join(self.parts)
+
+
+# ---------------------------------------------------------------- setup (runs as root)
+
+
+def libc_call(name: str, *args: Any) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if getattr(libc, name)(*args) != 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, f"{name}{args}: {os.strerror(errno)}")
+
+
+def mount(source: str | None, target: str, fstype: str | None, flags: int, data: str = "") -> None:
+    def enc(value: str | None) -> bytes | None:
+        return None if value is None else value.encode()
+
+    libc_call("mount", enc(source), enc(target), enc(fstype), ctypes.c_ulong(flags), enc(data))
+
+
+def mount_points() -> list[tuple[str, int]]:
+    """(mount point, per-mount flags to keep) from /proc/self/mountinfo, in mount order."""
+    points = []
+    with open("/proc/self/mountinfo") as mountinfo:
+        for line in mountinfo:
+            fields = line.split()
+            path = fields[4].encode().decode("unicode_escape")  # \040 is a space
+            flags = sum(MOUNT_OPTION_FLAGS.get(option, 0) for option in fields[5].split(","))
+            points.append((path, flags))
+    return points
+
+
+def untraversable_ancestor(path: str) -> str | None:
+    """The topmost ancestor of ``path`` that others may not search (no o+x), if any."""
+    current = "/"
+    for part in path.strip("/").split("/")[:-1]:
+        current = os.path.join(current, part)
+        if not os.stat(current).st_mode & 0o001:
+            return current
+    return None
+
+
+def expose_paths(paths: list[str]) -> None:
+    """Make ``paths`` reachable by an unprivileged uid: tmpfs over each hiding ancestor.
+
+    The rest of a hiding ancestor (e.g. ``/root``) becomes invisible, which is the point.
+    """
+    paths = sorted(set(paths))
+    outermost = [p for p in paths if not any(p.startswith(q + "/") for q in paths if q != p)]
+    by_ancestor: dict[str, list[str]] = {}
+    for path in outermost:
+        ancestor = untraversable_ancestor(path)
+        if ancestor is not None:
+            by_ancestor.setdefault(ancestor, []).append(path)
+    for ancestor, hidden_paths in by_ancestor.items():
+        fds = [os.open(path, os.O_PATH | os.O_DIRECTORY) for path in hidden_paths]
+        mount("tmpfs", ancestor, "tmpfs", MS_NOSUID | MS_NODEV, "mode=755,size=64k")
+        for path, fd in zip(hidden_paths, fds, strict=True):
+            os.makedirs(path, mode=0o755, exist_ok=True)
+            mount(f"/proc/self/fd/{fd}", path, None, MS_BIND | MS_REC)
+            os.close(fd)
+
+
+def isolate_filesystem(workdir: str) -> list[str]:
+    """Everything read-only except ``workdir``; returns mounts that could not be remounted."""
+    mount(None, "/", None, MS_REC | MS_PRIVATE)
+    python_paths = [sys.base_prefix, sys.prefix, os.path.dirname(os.path.realpath(sys.executable))]
+    expose_paths([*python_paths, workdir])
+    mount(workdir, workdir, None, MS_BIND)
+    failures = []
+    for path, flags in mount_points():
+        if path == workdir:
+            continue
+        try:
+            mount(None, path, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | flags)
+        except OSError as error:
+            if path == "/":
+                raise
+            failures.append(f"{path}: {error.strerror}")
+    return failures
+
+
+def apply_limits(config: dict[str, Any]) -> None:
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    resource.setrlimit(resource.RLIMIT_AS, (config["memory_bytes"],) * 2)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (config["file_size_bytes"],) * 2)
+    resource.setrlimit(resource.RLIMIT_CPU, (config["cpu_total_s"],) * 2)
+    if config["max_processes"] is not None:
+        resource.setrlimit(resource.RLIMIT_NPROC, (config["max_processes"],) * 2)
+
+
+def drop_privileges(uid: int) -> None:
+    os.setgroups([])
+    os.setgid(uid)
+    os.setuid(uid)
+    libc_call("prctl", PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+    # Changing credentials cleared unshare's --kill-child death signal; set it again.
+    libc_call("prctl", PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+def block_sockets() -> None:
+    """Fallback without a network namespace: creating a socket raises PermissionError.
+
+    Bypassable by determined code (ctypes); the network namespace is the real isolation.
+    """
+    import _socket
+    import socket
+
+    class BlockedSocket(socket.socket):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            raise PermissionError("network access is disabled in this sandbox")
+
+    socket.socket = BlockedSocket  # type: ignore[misc]
+    _socket.socket = BlockedSocket  # type: ignore[misc]
+
+
+def set_up(config: dict[str, Any]) -> dict[str, Any]:
+    """Isolate this process as configured; returns the hello's details. Raises on failure."""
+    workdir = config["workdir"]
+    warnings: list[str] = []
+    if config["isolate_filesystem"]:
+        warnings = isolate_filesystem(workdir)
+    os.chdir(workdir)
+    apply_limits(config)
+    if config["uid"] is not None:
+        drop_privileges(config["uid"])
+    if config["block_sockets"]:
+        block_sockets()
+    return {"ready": True, "pid": os.getpid(), "uid": os.getuid(), "mount_warnings": warnings}
+
+
+# ---------------------------------------------------------------- running code
+
+
+def describe_exception(error: BaseException, limit_chars: int) -> dict[str, str]:
+    """Type, message and traceback, without this module's own frames."""
+    summary = traceback.TracebackException.from_exception(error)
+    user_frames = [frame for frame in summary.stack if frame.filename != __file__]
+    summary.stack = traceback.StackSummary.from_list(user_frames)
+    lines = list(summary.format())
+    return {
+        "type": type(error).__name__,
+        "message": str(error)[:limit_chars],
+        "traceback": "".join(lines)[-limit_chars:],
+    }
+
+
+def on_cpu_limit(signum: int, frame: Any) -> None:
+    raise CpuTimeLimitExceeded("CPU time limit for this call exceeded")
+
+
+def set_cpu_budget(cpu_time_s: float | None) -> None:
+    """Soft RLIMIT_CPU = CPU used so far + this call's budget (SIGXCPU, caught above)."""
+    _, hard = resource.getrlimit(resource.RLIMIT_CPU)
+    if cpu_time_s is None:
+        resource.setrlimit(resource.RLIMIT_CPU, (hard, hard))
+        return
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    soft = int(usage.ru_utime + usage.ru_stime + cpu_time_s + 0.999)
+    resource.setrlimit(resource.RLIMIT_CPU, (min(soft, hard), hard))
+
+
+def execute(code: str, cell_idx: int, namespace: dict[str, Any]) -> Any:
+    """Run ``code``; the value of a final expression statement is returned (else None)."""
+    filename = f"<cell {cell_idx}>"
+    linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
+    tree = ast.parse(code, filename, "exec")
+    last_expr = None
+    if tree.body and isinstance(tree.body[-1], ast.Expr):
+        last_expr = ast.Expression(tree.body[-1].value)
+        del tree.body[-1]
+    exec(compile(tree, filename, "exec"), namespace)
+    if last_expr is None:
+        return None
+    return eval(compile(last_expr, filename, "eval"), namespace)
+
+
+def run_cell(request: dict[str, Any], cell_idx: int, namespace: dict[str, Any], limit: int) -> dict:
+    stdout, stderr = CappedTextStream(limit), CappedTextStream(limit)
+    value_repr: str | None = None
+    error: dict[str, str] | None = None
+    saved_streams = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = stdout, stderr
+    try:
+        set_cpu_budget(request.get("cpu_time_s"))
+        value = execute(request["code"], cell_idx, namespace)
+        if value is not None:
+            namespace["_"] = value
+            value_repr = repr(value)[:limit]
+    except BaseException as caught:  # noqa: B036 - user code may raise anything, exits included
+        error = describe_exception(caught, limit)
+    finally:
+        set_cpu_budget(None)
+        sys.stdout, sys.stderr = saved_streams
+    return {
+        "stdout": stdout.getvalue(),
+        "stderr": stderr.getvalue(),
+        "stdout_dropped": stdout.num_dropped,
+        "stderr_dropped": stderr.num_dropped,
+        "value": value_repr,
+        "error": error,
+    }
+
+
+def kill_other_processes(may_kill_all: bool) -> None:
+    """End every process the call left behind, and reap them.
+
+    ``kill(-1)`` reaches every process this uid may signal: inside our own PID namespace
+    (we are its init) or under a uid of our own that is exactly the sandbox's processes.
+    Without either it would reach the user's other processes, so only children are reaped.
+    """
+    if may_kill_all:
+        for _ in range(1000):
+            try:
+                os.kill(-1, signal.SIGKILL)
+            except ProcessLookupError:
+                break
+            reap_children(block=True)
+    reap_children(block=False)
+
+
+def reap_children(block: bool) -> None:
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, 0 if block else os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+def serve(config: dict[str, Any], proto_in: int, proto_out: int) -> None:
+    main_pid = os.getpid()
+    may_kill_all = main_pid == 1 or config["uid"] is not None
+    namespace: dict[str, Any] = {"__name__": "__main__", "__builtins__": builtins}
+    signal.signal(signal.SIGXCPU, on_cpu_limit)
+    cell_idx = 0
+    while (request := read_frame(proto_in)) is not None:
+        cell_idx += 1
+        result = run_cell(request, cell_idx, namespace, config["output_chars"])
+        if os.getpid() != main_pid:  # a process the code forked came back here: end it quietly
+            os._exit(0)
+        kill_other_processes(may_kill_all)
+        write_frame(proto_out, result)
+
+
+def main() -> None:
+    proto_in, proto_out = os.dup(0), os.dup(1)
+    null_fd = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null_fd, fd)
+    config = json.loads(sys.argv[1])
+    try:
+        hello = set_up(config)
+    except Exception as error:  # noqa: BLE001 - reported to the parent, which raises
+        write_frame(proto_out, {"ready": False, "error": f"{type(error).__name__}: {error}"})
+        os._exit(1)
+    write_frame(proto_out, hello)
+    serve(config, proto_in, proto_out)
+
+
+if __name__ == "__main__":
+    main()
