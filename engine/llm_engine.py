@@ -221,7 +221,8 @@ class LLMEngine:
         banned: list[int] = []
         if request.num_output_tokens < params.min_tokens:
             banned = sorted({*request.eos_token_ids, *params.stop_token_ids})
-        return SamplingRow(params, self._states[request.request_id].generator, banned)
+        generator = self._states[request.request_id].generator
+        return SamplingRow(params, generator, banned, request.output_token_ids)
 
     def _process_token(
         self, request: Request, token_id: int, logprob: TokenLogprob | None

@@ -6,6 +6,7 @@ Rows are independent: each has its own ``SamplingParams`` and, for seeded reques
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -18,25 +19,35 @@ class SamplingRow(NamedTuple):
     params: SamplingParams
     generator: torch.Generator | None  # None: the global torch RNG
     banned_token_ids: list[int]  # e.g. EOS while fewer than min_tokens were generated
+    output_token_ids: Sequence[int] = ()  # the request's tokens so far, for logits processors
 
 
 def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> list[tuple[int, TokenLogprob | None]]:
     """Pick one token per row of ``logits`` ``[num_rows, vocab]`` (float32).
 
-    Log-probabilities (when requested) are those of the raw logits, before bans, temperature
-    and filters, like vLLM's default.
+    Log-probabilities (when requested) are those of the raw logits, before logits processors,
+    bans, temperature and filters, like vLLM's default.
     """
     results: list[tuple[int, TokenLogprob | None]] = []
     for row_idx, row in enumerate(rows):
         raw = logits[row_idx]
-        constrained = raw
-        if row.banned_token_ids:
-            constrained = raw.clone()
-            constrained[row.banned_token_ids] = float("-inf")
-        token_id = _pick(constrained, row)
+        token_id = _pick(_constrain(raw, row), row)
         logprob = _logprob(raw, token_id, row.params.logprobs)
         results.append((token_id, logprob))
     return results
+
+
+def _constrain(raw: torch.Tensor, row: SamplingRow) -> torch.Tensor:
+    """Apply the row's logits processors (in order), then its bans, to a copy of ``raw``."""
+    processors = row.params.logits_processors
+    if not processors and not row.banned_token_ids:
+        return raw
+    constrained = raw.clone()
+    for processor in processors:
+        constrained = processor(row.output_token_ids, constrained)
+    if row.banned_token_ids:
+        constrained[row.banned_token_ids] = float("-inf")
+    return constrained
 
 
 def _pick(logits: torch.Tensor, row: SamplingRow) -> int:

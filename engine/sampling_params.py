@@ -2,11 +2,30 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
 
 from engine.errors import InvalidRequestError
 
+if TYPE_CHECKING:  # torch only for annotations: request/scheduler bookkeeping stays torch-free
+    import torch
+
 MAX_TOP_LOGPROBS = 20
+
+
+class LogitsProcessor(Protocol):
+    """Rewrites one request's next-token logits before sampling (e.g. constrained decoding).
+
+    Called once per sampled token with the request's output token ids so far (read-only; after
+    a preemption the same ids are passed again) and its logits row ``[vocab]`` (float32, a
+    private copy: modifying it in place is allowed). Returns the logits to sample from; set a
+    token to ``-inf`` to forbid it. A processor is typically stateful, so give each request its
+    own instance. Must not raise: an exception propagates out of ``LLMEngine.step`` after the
+    scheduler has advanced, leaving that step half done.
+    """
+
+    def __call__(self, output_token_ids: Sequence[int], logits: torch.Tensor) -> torch.Tensor: ...
 
 
 @dataclass(slots=True)
@@ -18,6 +37,8 @@ class SamplingParams:
     most likely alternatives (``n = 0``: only the sampled token); log-probabilities are those of
     the model's raw distribution (before temperature and filters), as in vLLM.
     Stop strings are cut from the returned text unless ``include_stop_str_in_output``.
+    ``logits_processors`` run in order on each step's logits before bans (``min_tokens``),
+    temperature and filters; log-probabilities stay those of the raw logits.
     """
 
     max_tokens: int = 256
@@ -32,6 +53,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     include_stop_str_in_output: bool = False
+    logits_processors: list[LogitsProcessor] = field(default_factory=list)
 
     @property
     def is_greedy(self) -> bool:
@@ -80,6 +102,11 @@ class SamplingParams:
             self.logprobs is None
             or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= MAX_TOP_LOGPROBS),
             f"logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.logprobs!r}",
+        )
+        _require(
+            isinstance(self.logits_processors, list)
+            and all(callable(p) for p in self.logits_processors),
+            "logits_processors must be a list of callables",
         )
 
 
