@@ -127,10 +127,17 @@ def _serve(args: argparse.Namespace) -> int:
         file=sys.stderr,
         flush=True,
     )
-    uvicorn.run(
-        build_app(state), host=args.host, port=args.port, log_level="info", ws="websockets-sansio"
-    )
-    state.runner.shutdown()
+    try:
+        uvicorn.run(
+            build_app(state),
+            host=args.host,
+            port=args.port,
+            log_level="info",
+            ws="websockets-sansio",
+        )
+    finally:
+        state.tools.close()  # kill every sandbox interpreter and remove its directory
+        state.runner.shutdown()
     return 0
 
 

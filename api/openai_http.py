@@ -14,9 +14,13 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from api.errors import APIError
 from api.openai_params import sampling_from_openai
 from api.state import ServerState
+from api.tool_runtime import normalize_tools
 from engine.errors import InvalidRequestError
 from engine.outputs import RequestOutput, TokenLogprob
 from engine.sampling_params import SamplingParams
+from tools.render import apply_chat_template_with_tools
+from tools.streaming_parser import StreamingToolParser
+from tools.tool_call import TextDelta, ToolCall, ToolCallDone
 
 
 async def read_json(request: Request, max_bytes: int) -> dict[str, Any]:
@@ -33,7 +37,8 @@ async def read_json(request: Request, max_bytes: int) -> dict[str, Any]:
 
 
 def chat_messages(body: dict[str, Any]) -> list[dict[str, Any]]:
-    """Validated chat messages with string content (text parts are joined)."""
+    """Validated chat messages with string content (text parts joined); assistant
+    ``tool_calls`` and tool ``tool_call_id`` / ``name`` are kept."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise APIError("messages must be a non-empty list", param="messages")
@@ -57,7 +62,8 @@ def chat_messages(body: dict[str, Any]) -> list[dict[str, Any]]:
                 "message content must be a string or a list of text parts", param="messages"
             )
         role = "system" if message["role"] == "developer" else message["role"]
-        result.append({"role": role, "content": content})
+        kept = {k: message[k] for k in ("tool_calls", "tool_call_id", "name") if message.get(k)}
+        result.append({"role": role, "content": content, **kept})
     return result
 
 
@@ -72,6 +78,7 @@ class Completion:
         self.text = ""
         self.finish_reason: str | None = None
         self.logprobs: list[TokenLogprob] = []
+        self.tool_calls: list[ToolCall] = []
         self.last: RequestOutput | None = None
 
     def add(self, out: RequestOutput) -> None:
@@ -80,6 +87,14 @@ class Completion:
         self.last = out
         if out.finished:
             self.finish_reason = "length" if out.finish_reason == "length" else "stop"
+
+    def message(self) -> dict[str, Any]:
+        message: dict[str, Any] = {"role": "assistant", "content": self.text or None}
+        if self.tool_calls:
+            message["tool_calls"] = [openai_tool_call(call) for call in self.tool_calls]
+        else:
+            message["content"] = self.text
+        return message
 
     def usage(self) -> dict[str, Any]:
         out = self.last
@@ -92,6 +107,17 @@ class Completion:
             "total_tokens": prompt + completion,
             "prompt_tokens_details": {"cached_tokens": cached},
         }
+
+
+def openai_tool_call(call: ToolCall, index: int | None = None) -> dict[str, Any]:
+    entry: dict[str, Any] = {
+        "id": call.call_id,
+        "type": "function",
+        "function": {"name": call.name, "arguments": call.arguments_json},
+    }
+    if index is not None:
+        entry["index"] = index
+    return entry
 
 
 def _chat_logprobs(tokenizer: Any, entries: list[TokenLogprob]) -> dict[str, Any]:
@@ -146,22 +172,27 @@ async def chat_completions(request: Request) -> Response:
     state: ServerState = request.app.state.tarry
     owner = state.owner_for(request.headers.get("authorization"))
     body = await read_json(request, state.limits.max_frame_bytes)
-    if body.get("tools") and body.get("tool_choice") != "none":
-        raise APIError("tool calling over HTTP is not available yet", param="tools")
     params = sampling_from_openai(body, state.limits.max_output_tokens)
+    tools = normalize_tools(body.get("tools"))
+    tool_choice = body.get("tool_choice", "auto")
+    params.logits_processors = state.tools.processors(tools, tool_choice, params.max_tokens)
     engine = state.runner.engine
-    prompt = engine.apply_chat_template(chat_messages(body))
+    try:
+        text = apply_chat_template_with_tools(engine.tokenizer, chat_messages(body), tools or None)
+    except ValueError as exc:
+        raise APIError(str(exc), param="messages") from exc
+    prompt = engine.tokenize(text)
+    parser = state.tools.parser() if tools and tool_choice != "none" else None
     completion = Completion(state.model_name, "chat")
     first, stream = await _first_then_rest(_generate(state, prompt, params, owner, "chat"))
+    outputs = _chain([first] if first else [], stream)
     if not body.get("stream"):
-        for out in [first] if first else []:
-            completion.add(out)
-        async for out in stream:
-            completion.add(out)
+        async for out in outputs:
+            _add_parsed(completion, out, parser)
         choice: dict[str, Any] = {
             "index": 0,
-            "message": {"role": "assistant", "content": completion.text},
-            "finish_reason": completion.finish_reason,
+            "message": completion.message(),
+            "finish_reason": "tool_calls" if completion.tool_calls else completion.finish_reason,
             "logprobs": None,
         }
         if params.logprobs is not None:
@@ -178,15 +209,31 @@ async def chat_completions(request: Request) -> Response:
         )
     include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
     return StreamingResponse(
-        _chat_sse(completion, first, stream, include_usage, engine.tokenizer, params),
+        _chat_sse(completion, outputs, parser, include_usage, engine.tokenizer, params),
         media_type="text/event-stream",
     )
 
 
+def _add_parsed(
+    completion: Completion, out: RequestOutput, parser: StreamingToolParser | None
+) -> tuple[str, list[ToolCall]]:
+    """Fold ``out`` into ``completion``; return its visible text and completed tool calls."""
+    raw_text = out.new_text
+    events: list[Any] = [TextDelta(raw_text)] if parser is None else parser.feed(raw_text)
+    if out.finished and parser is not None:
+        events += parser.finish()
+    visible = "".join(e.text for e in events if isinstance(e, TextDelta))
+    calls = [e.call for e in events if isinstance(e, ToolCallDone)]
+    out.new_text = visible
+    completion.add(out)
+    completion.tool_calls += calls
+    return visible, calls
+
+
 async def _chat_sse(
     completion: Completion,
-    first: RequestOutput | None,
-    stream: AsyncIterator[RequestOutput],
+    outputs: AsyncIterator[RequestOutput],
+    parser: StreamingToolParser | None,
     include_usage: bool,
     tokenizer: Any,
     params: SamplingParams,
@@ -206,16 +253,18 @@ async def _chat_sse(
         return f"data: {json.dumps(payload)}\n\n"
 
     yield chunk({"role": "assistant", "content": ""}, None)
-
-    async for out in _chain([first] if first else [], stream):
-        completion.add(out)
+    async for out in outputs:
+        num_calls = len(completion.tool_calls)
+        visible, calls = _add_parsed(completion, out, parser)
         logprobs = None
         if params.logprobs is not None and out.logprobs:
             logprobs = _chat_logprobs(tokenizer, out.logprobs)
-        if out.new_text or logprobs:
-            yield chunk({"content": out.new_text}, None, logprobs)
+        if visible or logprobs:
+            yield chunk({"content": visible}, None, logprobs)
+        for offset, call in enumerate(calls):
+            yield chunk({"tool_calls": [openai_tool_call(call, num_calls + offset)]}, None)
         if out.finished:
-            yield chunk({}, completion.finish_reason)
+            yield chunk({}, "tool_calls" if completion.tool_calls else completion.finish_reason)
     if include_usage:
         usage = {
             "id": completion.id,

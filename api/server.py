@@ -12,6 +12,7 @@ import uvicorn
 
 from api.app import build_app
 from api.state import Limits, ServerState
+from api.tool_runtime import ToolRuntime
 from engine.async_engine import AsyncEngine
 from engine.llm_engine import LLMEngine
 from sessions.manager import SessionManager
@@ -50,10 +51,12 @@ def build_state(engine: LLMEngine, options: ServeOptions) -> ServerState:
     records: SessionRecordStore = RedisRecordStore(client) if client else MemoryRecordStore()
     runner = AsyncEngine(engine)
     runner.start()
+    tools = ToolRuntime(engine.tokenizer, engine.vocab_size, sorted(engine.eos_token_ids))
     return ServerState(
         runner=runner,
         sessions=SessionManager(runner, records),
         model_name=engine.loaded.name,
+        tools=tools,
         api_keys=set(options.api_keys),
         limits=options.limits or Limits(),
     )
@@ -89,4 +92,5 @@ class BackgroundServer:
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=10)
+        self.state.tools.close()
         self.state.runner.shutdown()

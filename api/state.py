@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from api.errors import APIError
 from api.metrics import Metrics
+from api.tool_runtime import ToolRuntime
 from engine.async_engine import AsyncEngine
 from sessions.manager import SessionManager
 
@@ -27,6 +28,7 @@ class ServerState:
     runner: AsyncEngine
     sessions: SessionManager
     model_name: str
+    tools: ToolRuntime
     api_keys: set[str] = field(default_factory=set)
     limits: Limits = field(default_factory=Limits)
     metrics: Metrics = field(default_factory=Metrics)

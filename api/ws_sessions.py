@@ -19,7 +19,9 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from api.errors import APIError
 from api.openai_params import sampling_from_openai
+from api.response_run import ResponseRun
 from api.state import ServerState
+from api.tool_runtime import normalize_tools
 from api.ws_protocol import (
     AUTH_SUBPROTOCOL_PREFIX,
     MSGPACK_SUBPROTOCOL,
@@ -29,7 +31,6 @@ from api.ws_protocol import (
     error_event,
     item_to_message,
     session_config,
-    usage_of,
 )
 from engine.errors import InvalidRequestError
 from sessions.errors import SessionError
@@ -183,7 +184,8 @@ class SessionConnection:
             raise ProtocolError(
                 "too_many_sessions", "this key has too many open sessions", event.get("event_id")
             )
-        session = manager.create(self.owner, config.get("instructions"), config.get("tools"))
+        tools = normalize_tools(config.get("tools"))
+        session = manager.create(self.owner, config.get("instructions"), tools)
         resume_token = self._new_resume_token(session, config)
         self.session = session
         await self.send(
@@ -224,7 +226,7 @@ class SessionConnection:
             else:
                 messages.insert(0, {"role": "system", "content": config["instructions"]})
         if "tools" in config:
-            session.tools = list(config["tools"])
+            session.tools = normalize_tools(config["tools"])
         defaults = session.settings.setdefault("defaults", {})
         defaults.update({k: v for k, v in config.items() if k not in ("instructions", "tools")})
         self.state.sessions.records.save(session.to_record())
@@ -274,6 +276,7 @@ class SessionConnection:
     async def _close(self, event: dict[str, Any]) -> None:
         session = self._bound()
         self.state.sessions.close(session)
+        self.state.tools.close_sandbox(session.session_id)
         self.session = None
         await self.send({"type": "session.closed", "session_id": session.session_id})
 
@@ -301,66 +304,14 @@ class SessionConnection:
             "stop": merged.get("stop"),
         }
         params = sampling_from_openai(body, self.state.limits.max_output_tokens)
-        if config.get("generate") is False:
+        generate = config.get("generate", True)
+        if not generate:
             params.max_tokens = 1  # prefill only: one token is computed, then discarded
-        response_id = f"resp_{secrets.token_hex(12)}"
-        self.response_task = asyncio.create_task(
-            self._run_response(session, response_id, params, config.get("generate", True))
-        )
+        tool_choice = merged.get("tool_choice", "auto")
+        self.state.tools.processors(session.tools, tool_choice)  # reject a bad choice now
+        response = ResponseRun(self, session, f"resp_{secrets.token_hex(12)}", params, tool_choice)
+        self.response_task = asyncio.create_task(response.run(generate))
         await asyncio.sleep(0)  # let response.created go out before the next event is read
-
-    async def _run_response(
-        self, session: Session, response_id: str, params: Any, generate: bool
-    ) -> None:
-        await self.send(
-            {"type": "response.created", "response": {"id": response_id, "status": "in_progress"}}
-        )
-        text, status = "", "completed"
-        try:
-            async for out in self.state.sessions.generate(session, params, record=generate):
-                if generate and out.new_text:
-                    text += out.new_text
-                    await self.send(
-                        {
-                            "type": "response.output_text.delta",
-                            "response_id": response_id,
-                            "delta": out.new_text,
-                        }
-                    )
-                if out.finished and out.finish_reason == "length":
-                    status = "incomplete"
-        except asyncio.CancelledError:
-            status = "cancelled"
-        except (InvalidRequestError, SessionError) as exc:
-            status = "failed"
-            await self.send_error("invalid_request", str(exc))
-        if status == "cancelled" and self.websocket.client_state.name != "CONNECTED":
-            return
-        await self.send(
-            {
-                "type": "response.done",
-                "response": {
-                    "id": response_id,
-                    "status": status,
-                    "output": [
-                        {
-                            "type": "message",
-                            "role": "assistant",
-                            "content": [{"type": "output_text", "text": text}],
-                        }
-                    ],
-                    "usage": usage_of(session.last_usage),
-                },
-            }
-        )
-        await self.send(
-            {
-                "type": "session.state",
-                "session_id": session.session_id,
-                "state": session.state.value,
-                "kv": self.state.sessions.kv_location(session),
-            }
-        )
 
     async def _response_cancel(self, event: dict[str, Any]) -> None:
         task = self.response_task

@@ -28,6 +28,7 @@ from sessions.record_store import MemoryRecordStore, SessionRecordStore
 from sessions.session import Session, SessionState, TurnUsage
 
 MESSAGE_ROLES = {"system", "user", "assistant", "tool"}
+MESSAGE_FIELDS = {"role", "content", "name", "tool_call_id", "tool_calls"}
 
 
 class SessionManager:
@@ -308,3 +309,6 @@ def _validate_message(item: Any) -> None:
         raise InvalidSessionInputError(f"role must be one of {sorted(MESSAGE_ROLES)}, got {role!r}")
     if not isinstance(content, str):
         raise InvalidSessionInputError("content must be a string")
+    unknown = set(item) - MESSAGE_FIELDS
+    if unknown:
+        raise InvalidSessionInputError(f"unknown message fields: {sorted(unknown)}")

@@ -11,16 +11,15 @@ from __future__ import annotations
 
 from typing import Any
 
+from tools.render import apply_chat_template_with_tools
+
 
 def render_conversation(
     tokenizer: Any, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None
 ) -> str:
-    """The chat template's text for ``messages``, ending with the assistant prompt."""
-    kwargs: dict[str, Any] = {"tools": tools} if tools else {}
-    text = tokenizer.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=True, **kwargs
-    )
-    return str(text)
+    """The chat template's text for ``messages`` (with ``tools`` presented the model's way),
+    ending with the assistant prompt."""
+    return apply_chat_template_with_tools(tokenizer, messages, tools or None)
 
 
 def turn_prompt(

@@ -180,3 +180,17 @@ def test_feed_after_finish_is_an_error() -> None:
         parser.feed("x")
     with pytest.raises(ValueError):
         StreamingToolParser("unknown")  # type: ignore[arg-type]
+
+
+def test_hermes_closing_tag_inside_a_json_string_does_not_end_the_call():
+    from tools.parsers import parse_tool_calls
+
+    text = (
+        '<tool_call>{"name": "python", "arguments": '
+        '{"code": "x = 1}}</tool_call> # y"}}</tool_call>'
+    )
+    parsed = parse_tool_calls(text, "hermes")
+    assert parsed.text == ""
+    (call,) = parsed.tool_calls
+    assert call.name == "python"
+    assert json.loads(call.arguments_json) == {"code": "x = 1}}</tool_call> # y"}

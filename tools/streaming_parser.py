@@ -188,25 +188,25 @@ class StreamingToolParser:
         return self._advance_llama3(final, events)
 
     def _advance_hermes(self, final: bool, events: list[ToolParserEvent]) -> bool:
+        # The first closing tag whose body is a valid call ends the call: a "</tool_call>"
+        # inside a JSON string (small models write one into code) does not end it early.
         buffer = self._buffer
         close_idx = buffer.find(HERMES_CLOSE, self._scan_idx)
-        if close_idx < 0:
-            if not final:
-                self._scan_idx = max(len(HERMES_OPEN), len(buffer) - len(HERMES_CLOSE) + 1)
-                return False
-            call = tool_call_from_json(parse_json(buffer[len(HERMES_OPEN) :].strip()))
-            if call is None:
-                self._reject_call(buffer, "", events)
-            else:
-                self._close_call([call], "", events)
+        while close_idx >= 0:
+            call = tool_call_from_json(parse_json(buffer[len(HERMES_OPEN) : close_idx].strip()))
+            if call is not None:
+                self._close_call([call], buffer[close_idx + len(HERMES_CLOSE) :], events)
+                return True
+            close_idx = buffer.find(HERMES_CLOSE, close_idx + 1)
+        if not final:
+            self._scan_idx = max(len(HERMES_OPEN), len(buffer) - len(HERMES_CLOSE) + 1)
             return False
-        end_idx = close_idx + len(HERMES_CLOSE)
-        call = tool_call_from_json(parse_json(buffer[len(HERMES_OPEN) : close_idx].strip()))
+        call = tool_call_from_json(parse_json(buffer[len(HERMES_OPEN) :].strip()))
         if call is None:
-            self._reject_call(buffer[:end_idx], buffer[end_idx:], events)
+            self._reject_call(buffer, "", events)
         else:
-            self._close_call([call], buffer[end_idx:], events)
-        return True
+            self._close_call([call], "", events)
+        return False
 
     def _advance_mistral(self, final: bool, events: list[ToolParserEvent]) -> bool:
         buffer = self._buffer

@@ -1,0 +1,151 @@
+"""Tools as the API serves them: client function tools, the built-in ``python`` tool, forced
+calls for ``tool_choice``, output parsing, and one sandbox per session.
+
+Tool declarations are accepted in the chat format (``{"type": "function", "function": {...}}``),
+the Responses format (``{"type": "function", "name": ..., "parameters": ...}``) and as
+``{"type": "python"}``, which enables the server-side Python interpreter under the function
+name ``python``. Calls to ``python`` run on the server; every other call goes back to the
+client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from api.errors import APIError
+from tools.render import ToolSchemaError, tool_call_format, validate_tools
+from tools.sandbox import PythonSandbox, SandboxResult
+from tools.streaming_parser import StreamingToolParser
+
+PYTHON_TOOL_NAME = "python"
+CLOSING_RESERVE = 16  # tokens kept to close a forced call: quotes, braces, </tool_call>, EOS
+PYTHON_TOOL = {
+    "type": "function",
+    "function": {
+        "name": PYTHON_TOOL_NAME,
+        "description": "Run Python code in a persistent interpreter (variables persist between "
+        "calls) and return what it printed and the value of its last expression.",
+        "parameters": {
+            "type": "object",
+            "properties": {"code": {"type": "string", "description": "Python source to run"}},
+            "required": ["code"],
+        },
+    },
+}
+
+
+def normalize_tools(tools: Any) -> list[dict[str, Any]]:
+    """Chat-format function tools (``python`` expanded); raises APIError on a bad entry."""
+    if tools is None:
+        return []
+    if not isinstance(tools, list):
+        raise APIError("tools must be a list", param="tools")
+    result = []
+    for tool in tools:
+        if not isinstance(tool, dict):
+            raise APIError("each tool must be an object", param="tools")
+        if tool.get("type") == PYTHON_TOOL_NAME:
+            result.append(PYTHON_TOOL)
+        elif tool.get("type") == "function" and "function" in tool:
+            result.append(tool)
+        elif tool.get("type") == "function" and "name" in tool:
+            function = {k: tool[k] for k in ("name", "description", "parameters") if k in tool}
+            result.append({"type": "function", "function": function})
+        else:
+            raise APIError('tools must be function tools or {"type": "python"}', param="tools")
+    try:
+        validate_tools(result)
+    except ToolSchemaError as exc:
+        raise APIError(str(exc), param="tools") from exc
+    return result
+
+
+def python_result_text(result: SandboxResult) -> str:
+    """The tool output the model sees (and the client gets in ``tool_output`` events)."""
+    parts = []
+    if result.notice:
+        parts.append(f"[{result.notice}]")
+    if result.stdout:
+        parts.append(result.stdout.rstrip("\n"))
+    if result.value is not None:
+        parts.append(result.value)
+    if result.error is not None:
+        parts.append(f"{result.error.type}: {result.error.message}")
+    if result.stderr and result.error is None:
+        parts.append(result.stderr.rstrip("\n"))
+    return "\n".join(parts) if parts else "(no output)"
+
+
+@dataclass
+class ToolRuntime:
+    """Per-server tool machinery. The constrainer is built on first use (its tokenizer
+    preprocessing takes a moment) and only ever used from the event loop thread."""
+
+    tokenizer: Any
+    vocab_size: int
+    stop_token_ids: list[int]
+    sandbox_root: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="tarry-py-")))
+    sandbox_factory: Callable[[Path], PythonSandbox] = PythonSandbox
+    _constrainer: Any = None
+    _sandboxes: dict[str, PythonSandbox] = field(default_factory=dict)
+
+    @property
+    def call_format(self) -> str:
+        return str(tool_call_format(self.tokenizer))
+
+    def parser(self) -> StreamingToolParser:
+        return StreamingToolParser(tool_call_format(self.tokenizer))
+
+    def processors(
+        self, tools: list[dict[str, Any]], tool_choice: Any, max_tokens: int = 1 << 20
+    ) -> list[Any]:
+        """Logits processors forcing a call for "required" or a named function; [] otherwise.
+
+        The call starts closing its open strings and objects ``CLOSING_RESERVE`` tokens before
+        ``max_tokens`` runs out, so a forced call is complete whenever the budget allows.
+        """
+        if not tools or tool_choice in (None, "auto", "none"):
+            return []
+        if self._constrainer is None:
+            from tools.constrained import ToolCallConstrainer
+
+            self._constrainer = ToolCallConstrainer(
+                self.tokenizer, self.vocab_size, self.stop_token_ids
+            )
+        try:
+            processor = self._constrainer.processor_for(
+                tools, tool_choice, max_call_tokens=max(0, max_tokens - CLOSING_RESERVE)
+            )
+        except ToolSchemaError as exc:
+            raise APIError(str(exc), param="tool_choice") from exc
+        return [processor] if processor is not None else []
+
+    async def run_python(self, session_id: str, arguments_json: str) -> str:
+        """Run a ``python`` call's code in the session's sandbox; the output text."""
+        try:
+            code = json.loads(arguments_json).get("code")
+        except (ValueError, AttributeError):
+            code = None
+        if not isinstance(code, str):
+            return "error: the python tool needs a string argument 'code'"
+        sandbox = self._sandboxes.get(session_id)
+        if sandbox is None or sandbox.closed:
+            sandbox = self.sandbox_factory(self.sandbox_root)
+            self._sandboxes[session_id] = sandbox
+        result = await asyncio.to_thread(sandbox.run, code)
+        return python_result_text(result)
+
+    def close_sandbox(self, session_id: str) -> None:
+        sandbox = self._sandboxes.pop(session_id, None)
+        if sandbox is not None:
+            sandbox.close()
+
+    def close(self) -> None:
+        for session_id in list(self._sandboxes):
+            self.close_sandbox(session_id)
