@@ -31,8 +31,9 @@ def _text_of(content: Any, event_id: str | None) -> str:
 def input_to_messages(value: Any, event_id: str | None = None) -> list[dict[str, Any]]:
     """The ``input`` of a response.create (a string or a list of items) as chat messages.
 
-    Function calls the model made earlier become assistant messages in the Hermes
-    convention; function outputs become ``tool`` messages.
+    Function calls the model made earlier become assistant messages with ``tool_calls``;
+    function outputs become ``tool`` messages (the chat template or ``tools.render`` presents
+    both the model's way).
     """
     if isinstance(value, str):
         return [{"role": "user", "content": value}]
@@ -40,7 +41,7 @@ def input_to_messages(value: Any, event_id: str | None = None) -> list[dict[str,
         raise ProtocolError(
             "invalid_request", "input must be a string or a list of items", event_id
         )
-    messages = []
+    messages: list[dict[str, Any]] = []
     for item in value:
         if not isinstance(item, dict):
             raise ProtocolError("invalid_request", "each input item must be an object", event_id)
@@ -53,17 +54,21 @@ def input_to_messages(value: Any, event_id: str | None = None) -> list[dict[str,
             messages.append({"role": role, "content": _text_of(item.get("content"), event_id)})
         elif kind == "function_call":
             call = {
-                "name": item.get("name"),
-                "arguments": json.loads(item.get("arguments") or "{}"),
+                "id": item.get("call_id"),
+                "type": "function",
+                "function": {"name": item.get("name"), "arguments": item.get("arguments")},
             }
-            messages.append(
-                {"role": "assistant", "content": f"<tool_call>{json.dumps(call)}</tool_call>"}
-            )
+            if messages and messages[-1]["role"] == "assistant" and "tool_calls" in messages[-1]:
+                messages[-1]["tool_calls"].append(call)  # parallel calls: one assistant turn
+            else:
+                messages.append({"role": "assistant", "content": "", "tool_calls": [call]})
         elif kind == "function_call_output":
             output = item.get("output")
             if not isinstance(output, str):
                 output = json.dumps(output)
-            messages.append({"role": "tool", "content": output})
+            messages.append(
+                {"role": "tool", "content": output, "tool_call_id": item.get("call_id")}
+            )
         else:
             raise ProtocolError(
                 "invalid_request", f"unsupported input item type {kind!r}", event_id
@@ -119,3 +124,16 @@ def response_object(
             "total_tokens": usage.prompt_tokens + usage.completion_tokens,
         }
     return body
+
+
+def function_call_item(
+    item_id: str, call_id: str, name: str, arguments: str, status: str
+) -> dict[str, Any]:
+    return {
+        "type": "function_call",
+        "id": item_id,
+        "call_id": call_id,
+        "name": name,
+        "arguments": arguments,
+        "status": status,
+    }

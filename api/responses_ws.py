@@ -20,12 +20,20 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from api.errors import APIError
 from api.openai_params import sampling_from_openai
-from api.responses_items import input_to_messages, message_item, new_id, response_object
+from api.responses_items import (
+    function_call_item,
+    input_to_messages,
+    message_item,
+    new_id,
+    response_object,
+)
 from api.state import ServerState
+from api.tool_runtime import normalize_tools
 from api.ws_protocol import ProtocolError, error_event
 from engine.errors import InvalidRequestError
 from sessions.errors import SessionError
 from sessions.session import Session
+from tools.tool_call import TextDelta, ToolCall, ToolCallDone
 
 CLOSE_AUTH = 4001
 
@@ -71,7 +79,7 @@ class ResponsesConnection:
                 with contextlib.suppress(SessionError):
                     self.state.sessions.close(session)
 
-    def _session_for(self, request: dict[str, Any]) -> Session:
+    def _session_for(self, request: dict[str, Any], tools: list[dict[str, Any]]) -> Session:
         messages = input_to_messages(request.get("input", []), request.get("event_id"))
         previous = request.get("previous_response_id")
         manager = self.state.sessions
@@ -83,6 +91,7 @@ class ResponsesConnection:
                 )
         else:
             session = manager.create(self.owner, request.get("instructions"))
+        session.tools = tools
         if messages:
             manager.append(session, messages)
         return session
@@ -94,79 +103,159 @@ class ResponsesConnection:
             "top_p": request.get("top_p"),
         }
         params = sampling_from_openai(body, self.state.limits.max_output_tokens)
-        session = self._session_for(request)
-        response_id, item_id = new_id("resp"), new_id("msg")
+        tools = normalize_tools(request.get("tools"))
+        tool_choice = request.get("tool_choice") or "auto"
+        params.logits_processors = self.state.tools.processors(
+            tools, tool_choice, params.max_tokens
+        )
+        session = self._session_for(request, tools)
+        turn = ResponsesTurn(self, new_id("resp"))
         await self.send(
             {
                 "type": "response.created",
                 "response": response_object(
-                    response_id, self.state.model_name, "in_progress", [], request, None
+                    turn.response_id, self.state.model_name, "in_progress", [], request, None
                 ),
             }
         )
-        await self.send(
-            {
-                "type": "response.output_item.added",
-                "output_index": 0,
-                "item": message_item(item_id, "", "in_progress"),
-            }
-        )
-        await self.send(
-            {
-                "type": "response.content_part.added",
-                "item_id": item_id,
-                "output_index": 0,
-                "content_index": 0,
-                "part": {"type": "output_text", "text": "", "annotations": []},
-            }
-        )
-        text, status = "", "completed"
-        async for out in self.state.sessions.generate(session, params):
-            if out.new_text:
-                text += out.new_text
-                await self.send(
-                    {
-                        "type": "response.output_text.delta",
-                        "item_id": item_id,
-                        "output_index": 0,
-                        "content_index": 0,
-                        "delta": out.new_text,
-                        "logprobs": [],
-                    }
-                )
+        parser = self.state.tools.parser() if tools and tool_choice != "none" else None
+        status = "completed"
+        async for out in self.state.sessions.generate(
+            session, params, waiting_for_tool=parser is not None
+        ):
+            events: list[Any] = (
+                [TextDelta(out.new_text)] if parser is None else parser.feed(out.new_text)
+            )
+            if out.finished and parser is not None:
+                events += parser.finish()
+            for event in events:
+                if isinstance(event, TextDelta) and event.text:
+                    await turn.text(event.text)
+                elif isinstance(event, ToolCallDone):
+                    await turn.function_call(event.call)
             if out.finished and out.finish_reason == "length":
                 status = "incomplete"
-        part = {"type": "output_text", "text": text, "annotations": []}
+        await turn.close_message()
+        self.sessions_by_response[turn.response_id] = session
         await self.send(
             {
+                "type": f"response.{status}",
+                "response": response_object(
+                    turn.response_id,
+                    self.state.model_name,
+                    status,
+                    turn.output,
+                    request,
+                    session.last_usage,
+                ),
+            }
+        )
+
+
+class ResponsesTurn:
+    """The output items of one response, announced with OpenAI's item/part events."""
+
+    def __init__(self, connection: ResponsesConnection, response_id: str) -> None:
+        self.connection = connection
+        self.response_id = response_id
+        self.output: list[dict[str, Any]] = []
+        self.message_id: str | None = None
+        self.message_text = ""
+
+    async def text(self, delta: str) -> None:
+        send = self.connection.send
+        index = len(self.output)
+        if self.message_id is None:
+            self.message_id = new_id("msg")
+            await send(
+                {
+                    "type": "response.output_item.added",
+                    "output_index": index,
+                    "item": message_item(self.message_id, "", "in_progress"),
+                }
+            )
+            await send(
+                {
+                    "type": "response.content_part.added",
+                    "item_id": self.message_id,
+                    "output_index": index,
+                    "content_index": 0,
+                    "part": {"type": "output_text", "text": "", "annotations": []},
+                }
+            )
+        self.message_text += delta
+        await send(
+            {
+                "type": "response.output_text.delta",
+                "item_id": self.message_id,
+                "output_index": index,
+                "content_index": 0,
+                "delta": delta,
+                "logprobs": [],
+            }
+        )
+
+    async def close_message(self) -> None:
+        if self.message_id is None:
+            return
+        send, index, text = self.connection.send, len(self.output), self.message_text
+        part = {"type": "output_text", "text": text, "annotations": []}
+        await send(
+            {
                 "type": "response.output_text.done",
-                "item_id": item_id,
-                "output_index": 0,
+                "item_id": self.message_id,
+                "output_index": index,
                 "content_index": 0,
                 "text": text,
                 "logprobs": [],
             }
         )
-        await self.send(
+        await send(
             {
                 "type": "response.content_part.done",
-                "item_id": item_id,
-                "output_index": 0,
+                "item_id": self.message_id,
+                "output_index": index,
                 "content_index": 0,
                 "part": part,
             }
         )
-        item = message_item(item_id, text, "completed")
-        await self.send({"type": "response.output_item.done", "output_index": 0, "item": item})
-        self.sessions_by_response[response_id] = session
-        await self.send(
+        item = message_item(self.message_id, text, "completed")
+        await send({"type": "response.output_item.done", "output_index": index, "item": item})
+        self.output.append(item)
+        self.message_id, self.message_text = None, ""
+
+    async def function_call(self, call: ToolCall) -> None:
+        await self.close_message()
+        send, index, item_id = self.connection.send, len(self.output), new_id("fc")
+        await send(
             {
-                "type": f"response.{status}",
-                "response": response_object(
-                    response_id, self.state.model_name, status, [item], request, session.last_usage
-                ),
+                "type": "response.output_item.added",
+                "output_index": index,
+                "item": function_call_item(item_id, call.call_id, call.name, "", "in_progress"),
             }
         )
+        await send(
+            {
+                "type": "response.function_call_arguments.delta",
+                "item_id": item_id,
+                "output_index": index,
+                "delta": call.arguments_json,
+            }
+        )
+        await send(
+            {
+                "type": "response.function_call_arguments.done",
+                "item_id": item_id,
+                "output_index": index,
+                "name": call.name,
+                "arguments": call.arguments_json,
+            }
+        )
+        item = function_call_item(
+            item_id, call.call_id, call.name, call.arguments_json, "completed"
+        )
+        await send({"type": "response.output_item.done", "output_index": index, "item": item})
+        self.output.append(item)
 
 
 async def responses_socket(websocket: WebSocket) -> None:

@@ -101,3 +101,63 @@ def test_previous_response_id_continues_from_kept_kv(server):
         assert error["error"]["code"] == "previous_response_not_found"
         ws.send("{oops")
         assert json.loads(ws.recv(timeout=10))["error"]["code"] == "invalid_frame"
+
+
+def test_agents_sdk_two_tool_call_agent(server):
+    from agents import (
+        Agent,
+        ModelSettings,
+        RunConfig,
+        Runner,
+        ToolsToFinalOutputResult,
+        function_tool,
+        set_tracing_disabled,
+    )
+    from agents.models.openai_provider import OpenAIProvider
+
+    set_tracing_disabled(True)
+    calls: list[tuple[str, str]] = []
+
+    @function_tool
+    def get_weather(city: str) -> str:
+        """Current weather in a city."""
+        calls.append(("get_weather", city))
+        return f"18 degrees and sunny in {city}"
+
+    @function_tool
+    def get_time(city: str) -> str:
+        """Local time in a city."""
+        calls.append(("get_time", city))
+        return f"14:05 in {city}"
+
+    def stop_after_two_calls(context, results) -> ToolsToFinalOutputResult:
+        done = len(calls) >= 2
+        return ToolsToFinalOutputResult(
+            is_final_output=done,
+            final_output=" / ".join(str(r.output) for r in results) if done else None,
+        )
+
+    provider = OpenAIProvider(api_key=KEY, base_url=server[0] + "/v1", use_responses_websocket=True)
+    agent = Agent(
+        name="travel",
+        instructions="Use the tools to answer.",
+        model="tarry",
+        tools=[get_weather, get_time],
+        tool_use_behavior=stop_after_two_calls,
+        reset_tool_choice=False,
+        model_settings=ModelSettings(temperature=0, tool_choice="required", max_tokens=80),
+    )
+    result = asyncio.run(
+        Runner.run(
+            agent,
+            "Weather and time in Paris?",
+            max_turns=4,
+            run_config=RunConfig(model_provider=provider),
+        )
+    )
+    assert len(calls) == 2
+    assert {name for name, _ in calls} <= {"get_weather", "get_time"}
+    assert result.final_output
+    assert len(result.raw_responses) == 2
+    second_usage = result.raw_responses[1].usage
+    assert second_usage.input_tokens_details.cached_tokens > 0  # the first call's prefix
