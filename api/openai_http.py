@@ -18,6 +18,7 @@ from api.tool_runtime import normalize_tools
 from engine.errors import InvalidRequestError
 from engine.outputs import RequestOutput, TokenLogprob
 from engine.sampling_params import SamplingParams
+from sessions.errors import InvalidSessionInputError, SessionError
 from tools.render import apply_chat_template_with_tools
 from tools.streaming_parser import StreamingToolParser
 from tools.tool_call import TextDelta, ToolCall, ToolCallDone
@@ -65,6 +66,9 @@ def chat_messages(body: dict[str, Any]) -> list[dict[str, Any]]:
         kept = {k: message[k] for k in ("tool_calls", "tool_call_id", "name") if message.get(k)}
         result.append({"role": role, "content": content, **kept})
     return result
+
+
+SESSION_HEADER = "x-tarry-session-id"
 
 
 class Completion:
@@ -134,12 +138,13 @@ def _chat_logprobs(tokenizer: Any, entries: list[TokenLogprob]) -> dict[str, Any
 
 
 async def _generate(
-    state: ServerState, prompt: list[int], params: SamplingParams, owner: str, endpoint: str
+    state: ServerState, source: AsyncIterator[RequestOutput], endpoint: str
 ) -> AsyncIterator[RequestOutput]:
+    """Pass ``source`` through, recording TTFT, usage and request metrics."""
     started = time.perf_counter()
     first = True
     try:
-        async for out in state.runner.generate(prompt, params, cache_salt=owner):
+        async for out in source:
             if first:
                 state.metrics.ttft.observe(time.perf_counter() - started)
                 first = False
@@ -154,6 +159,9 @@ async def _generate(
     except InvalidRequestError as exc:
         state.metrics.requests.labels(endpoint, "400").inc()
         raise APIError(str(exc)) from exc
+    except SessionError as exc:
+        state.metrics.requests.labels(endpoint, "409").inc()
+        raise APIError(str(exc), code=exc.code, status=409) from exc
     state.metrics.requests.labels(endpoint, "200").inc()
 
 
@@ -181,10 +189,14 @@ async def chat_completions(request: Request) -> Response:
         text = apply_chat_template_with_tools(engine.tokenizer, chat_messages(body), tools or None)
     except ValueError as exc:
         raise APIError(str(exc), param="messages") from exc
-    prompt = engine.tokenize(text)
     parser = state.tools.parser() if tools and tool_choice != "none" else None
+    session_id = request.headers.get(SESSION_HEADER)
+    if session_id:
+        source = _session_source(state, owner, session_id, body, tools, params, parser)
+    else:
+        source = state.runner.generate(engine.tokenize(text), params, cache_salt=owner)
     completion = Completion(state.model_name, "chat")
-    first, stream = await _first_then_rest(_generate(state, prompt, params, owner, "chat"))
+    first, stream = await _first_then_rest(_generate(state, source, "chat"))
     outputs = _chain([first] if first else [], stream)
     if not body.get("stream"):
         async for out in outputs:
@@ -212,6 +224,30 @@ async def chat_completions(request: Request) -> Response:
         _chat_sse(completion, outputs, parser, include_usage, engine.tokenizer, params),
         media_type="text/event-stream",
     )
+
+
+def _session_source(
+    state: ServerState,
+    owner: str,
+    session_id: str,
+    body: dict[str, Any],
+    tools: list[dict[str, Any]],
+    params: SamplingParams,
+    parser: StreamingToolParser | None,
+) -> AsyncIterator[RequestOutput]:
+    """Generation bound to a session: ``messages`` are the NEW messages, appended to the
+    session's history (which the server keeps, with its KV); the reply is recorded too."""
+    try:
+        session = state.sessions.get(session_id, owner)
+        if tools:
+            session.tools = tools
+        state.sessions.append(session, chat_messages(body))
+    except SessionError as exc:
+        status = 409 if exc.code == "conversation_already_has_active_response" else 404
+        if isinstance(exc, InvalidSessionInputError):
+            status = 400
+        raise APIError(str(exc), code=exc.code, status=status) from exc
+    return state.sessions.generate(session, params, waiting_for_tool=parser is not None)
 
 
 def _add_parsed(
@@ -291,7 +327,8 @@ async def completions(request: Request) -> Response:
         raise APIError("prompt must be a string or a list of token ids", param="prompt")
     params = sampling_from_openai(body, state.limits.max_output_tokens)
     completion = Completion(state.model_name, "text")
-    first, stream = await _first_then_rest(_generate(state, prompt, params, owner, "completions"))
+    source = state.runner.generate(prompt, params, cache_salt=owner)
+    first, stream = await _first_then_rest(_generate(state, source, "completions"))
     if not body.get("stream"):
         for out in [first] if first else []:
             completion.add(out)

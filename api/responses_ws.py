@@ -78,6 +78,7 @@ class ResponsesConnection:
             for session in {id(s): s for s in self.sessions_by_response.values()}.values():
                 with contextlib.suppress(SessionError):
                     self.state.sessions.close(session)
+                self.state.tools.close_sandbox(session.session_id)
 
     def _session_for(self, request: dict[str, Any], tools: list[dict[str, Any]]) -> Session:
         messages = input_to_messages(request.get("input", []), request.get("event_id"))

@@ -53,4 +53,5 @@ async def delete_session(request: Request) -> Response:
         state.sessions.close(session)
     except SessionError as exc:
         raise APIError(str(exc), code=exc.code, status=409) from exc
+    state.tools.close_sandbox(session.session_id)
     return JSONResponse({"id": session.session_id, "object": "session.deleted", "deleted": True})

@@ -255,3 +255,85 @@ def test_health_metrics_and_sessions_rest(server):
     assert httpx.get(base + f"/v1/sessions/{info['id']}", headers=headers_a).status_code == 200
     assert httpx.delete(base + f"/v1/sessions/{info['id']}", headers=headers_a).json()["deleted"]
     assert httpx.get(base + f"/v1/sessions/{info['id']}", headers=headers_a).status_code == 404
+
+
+def test_chat_completion_bound_to_a_session_by_header(server, client):
+    ws = ProtocolClient(server[0], KEY_A)
+    try:
+        info = ws.create_session("You are a helpful assistant.")
+    finally:
+        ws.close()
+    headers = {"X-Tarry-Session-Id": info["id"]}
+    first = client.chat.completions.create(
+        model="tarry",
+        temperature=0,
+        max_tokens=30,
+        extra_headers=headers,
+        messages=[{"role": "user", "content": FRANCE}],
+    )
+    assert "Paris" in first.choices[0].message.content
+    second = client.chat.completions.create(
+        model="tarry",
+        temperature=0,
+        max_tokens=30,
+        extra_headers=headers,
+        messages=[{"role": "user", "content": "And of Italy?"}],
+    )  # only the new message
+    context = first.usage.prompt_tokens + first.usage.completion_tokens
+    assert second.usage.prompt_tokens_details.cached_tokens >= context // 16 * 16
+    assert second.usage.prompt_tokens > context
+    other = openai.OpenAI(base_url=server[0] + "/v1", api_key=KEY_B)
+    with pytest.raises(openai.NotFoundError):
+        other.chat.completions.create(
+            model="tarry", extra_headers=headers, messages=[{"role": "user", "content": "hi"}]
+        )
+
+
+def test_session_update_fork_truncate_and_prefill_only(server):
+    ws = ProtocolClient(server[0], KEY_A)
+    try:
+        ws.create_session("You are terse.")
+        ws.send(
+            {
+                "type": "session.update",
+                "session": {"instructions": "You are verbose.", "temperature": 0},
+            }
+        )
+        updated = ws.recv()
+        assert updated["type"] == "session.updated" and updated["session"]["num_items"] == 1
+        ws.user(FRANCE)
+        ws.send({"type": "response.create", "response": {"generate": False}})
+        events = ws.recv_until("response.done")
+        assert not [e for e in events if e["type"] == "response.output_text.delta"]
+        prefilled = events[-1]["response"]["usage"]["input_tokens"]
+        ws.recv()  # session.state
+        text, done = ws.respond(max_output_tokens=20)
+        assert done["usage"]["input_token_details"]["cached_tokens"] >= prefilled // 16 * 16 - 16
+        ws.send({"type": "session.fork"})
+        forked = ws.recv()
+        assert forked["type"] == "session.forked" and forked["session"]["resume_token"]
+        assert forked["session"]["num_items"] == 3
+        ws.send({"type": "conversation.item.truncate", "count": 2})
+        truncated = ws.recv()
+        assert truncated["type"] == "conversation.item.truncated" and truncated["num_items"] == 1
+        ws.send({"type": "session.close"})
+        assert ws.recv()["type"] == "session.closed"
+        ws.send({"type": "response.create", "response": {}})
+        assert ws.recv()["error"]["code"] == "no_session"
+    finally:
+        ws.close()
+    child = ProtocolClient(server[0], KEY_A)
+    try:
+        child.send(
+            {
+                "type": "session.resume",
+                "session_id": forked["session"]["id"],
+                "resume_token": forked["session"]["resume_token"],
+            }
+        )
+        assert child.recv()["session"]["num_items"] == 3
+        child.user("And Germany?")
+        text, done = child.respond(max_output_tokens=10)
+        assert done["usage"]["input_token_details"]["cached_tokens"] >= 32
+    finally:
+        child.close()
