@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import openai
@@ -337,3 +338,36 @@ def test_session_update_fork_truncate_and_prefill_only(server):
         assert done["usage"]["input_token_details"]["cached_tokens"] >= 32
     finally:
         child.close()
+
+
+def test_response_cancel_and_browser_subprotocol_auth(server):
+    from websockets.sync.client import connect
+
+    url = server[0].replace("http://", "ws://") + "/v1/sessions"
+    with connect(url, subprotocols=[f"tarry.auth.{KEY_A}"]) as ws:  # type: ignore[list-item]
+        ws.send(json.dumps({"type": "session.create", "session": {}}))
+        assert json.loads(ws.recv(timeout=30))["type"] == "session.created"
+        ws.send(
+            json.dumps(
+                {
+                    "type": "conversation.item.create",
+                    "item": {"type": "message", "role": "user", "content": "Write a long poem."},
+                }
+            )
+        )
+        ws.recv(timeout=30)
+        ws.send(json.dumps({"type": "response.create", "response": {"max_output_tokens": 200}}))
+        while json.loads(ws.recv(timeout=60))["type"] != "response.output_text.delta":
+            pass
+        ws.send(json.dumps({"type": "response.cancel"}))
+        while (event := json.loads(ws.recv(timeout=60)))["type"] != "response.done":
+            pass
+        assert event["response"]["status"] == "cancelled"
+        ws.send(json.dumps({"type": "response.cancel", "event_id": "c2"}))
+        while (event := json.loads(ws.recv(timeout=60)))["type"] != "error":
+            pass
+        assert event["error"]["code"] == "no_active_response"
+    from websockets.exceptions import InvalidStatus
+
+    with pytest.raises(InvalidStatus, match="403"):  # closed before the handshake completes
+        connect(url, subprotocols=["tarry.auth.wrong"])  # type: ignore[list-item]
