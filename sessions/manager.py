@@ -8,6 +8,7 @@ then recomputes from the token ids, which are the truth.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -138,10 +139,12 @@ class SessionManager:
                 session.last_usage = TurnUsage(
                     len(prompt), 0, final.num_cached_tokens, final.num_restored_tokens
                 )
-            session.transition(SessionState.PAUSED)
             session.last_active_at = time.monotonic()
-            self._apply_pause_policy(session, waiting_for_tool, None if record else prompt)
-            self.records.save(session.to_record())
+            # Off the event loop: parking waits for the engine's current step, and the record
+            # write is a Redis round trip; other sessions' streams must not wait on either.
+            await asyncio.to_thread(
+                self._end_turn, session, waiting_for_tool, None if record else prompt
+            )
 
     def _record_turn(
         self,
@@ -205,26 +208,44 @@ class SessionManager:
 
     # -- KV placement ------------------------------------------------------------------------
 
+    def _end_turn(
+        self, session: Session, waiting_for_tool: bool, context: list[int] | None
+    ) -> None:
+        """Place the turn's KV per the pause policy and persist the record (worker thread)."""
+        decision = self._apply_pause_policy(session, waiting_for_tool, context)
+        session.transition(
+            SessionState.PAUSED if decision is PauseDecision.KEEP else SessionState.OFFLOADED
+        )
+        self.records.save(session.to_record())
+
     def _apply_pause_policy(
         self, session: Session, waiting_for_tool: bool, context: list[int] | None = None
     ) -> PauseDecision:
-        """Keep, offload or drop the KV of ``context`` (default: the session's token ids)."""
+        """Keep, offload or drop the KV of ``context`` (default: the session's token ids), in
+        one engine critical section. Sets ``keep_until``; the caller sets the state."""
         context = session.token_ids if context is None else context
-        if self.persist_kv and self.llm.kv_store is not None:
-            self.engine.run_exclusive(self.llm.save_tokens, context, session.cache_salt)
         decision = self.policy.decide(
             len(context),
             self.policy.expected_pause_s(waiting_for_tool),
             self.llm.kv_manager.usage(),
         )
-        if decision is PauseDecision.KEEP:
-            self._pin(session, context)
-        elif decision is PauseDecision.OFFLOAD:
-            self.offload(session)
-        else:
-            self.engine.run_exclusive(self.llm.unpin, session.session_id)
-            session.transition(SessionState.OFFLOADED)
+        self.engine.run_exclusive(
+            self._place_kv, session.session_id, context, session.cache_salt, decision
+        )
+        keep = decision is PauseDecision.KEEP
+        session.keep_until = time.monotonic() + self.policy.keep_ttl_s if keep else 0.0
         return decision
+
+    def _place_kv(
+        self, session_id: str, context: list[int], cache_salt: str, decision: PauseDecision
+    ) -> None:
+        """Under the engine lock: write-through to the store, then pin / release the blocks."""
+        if self.persist_kv or decision is PauseDecision.OFFLOAD:
+            self.llm.save_tokens(context, cache_salt)  # no-op without a store
+        if decision is PauseDecision.KEEP:
+            self.llm.pin_tokens(session_id, context, cache_salt)
+        else:
+            self.llm.unpin(session_id)
 
     def _pin(self, session: Session, context: list[int] | None = None) -> None:
         context = session.token_ids if context is None else context
