@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import msgpack
 from websockets.sync.client import ClientConnection, connect
+
+from api.server import BackgroundServer, ServeOptions, build_state
+from api.state import ServerState
+from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine
+from engine.model_loader import LoadedModel
 
 
 class ProtocolClient:
@@ -82,3 +90,18 @@ class ProtocolClient:
 
     def close(self) -> None:
         self.ws.close()
+
+
+@contextmanager
+def live_server(model: LoadedModel, options: ServeOptions) -> Iterator[tuple[str, ServerState]]:
+    """A real server (uvicorn thread) on a free loopback port for ``model``; yields its base
+    URL and state, and checks the session manager's invariants when it stops."""
+    engine = LLMEngine(model, EngineConfig(num_kv_blocks=1024, check_integrity=True))
+    state = build_state(engine, options)
+    background = BackgroundServer(state)
+    base_url = background.start()
+    try:
+        yield base_url, state
+        state.sessions.check_integrity()
+    finally:
+        background.stop()

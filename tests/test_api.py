@@ -8,11 +8,9 @@ import time
 import openai
 import pytest
 
-from api.server import BackgroundServer, ServeOptions, build_state
+from api.server import ServeOptions
 from api.state import Limits
-from engine.config import EngineConfig
-from engine.llm_engine import LLMEngine
-from tests.api_helpers import ProtocolClient
+from tests.api_helpers import ProtocolClient, live_server
 
 KEY_A, KEY_B = "key-alice", "key-bob"
 FRANCE = "What is the capital of France? Answer in one sentence."
@@ -20,16 +18,10 @@ FRANCE = "What is the capital of France? Answer in one sentence."
 
 @pytest.fixture(scope="module")
 def server(smollm2, redis_server):
-    engine = LLMEngine(smollm2, EngineConfig(num_kv_blocks=1024, check_integrity=True))
-    limits = Limits(max_frame_bytes=64 * 1024, max_events_per_second=100, max_output_tokens=256)
-    state = build_state(
-        engine, ServeOptions(redis_url=redis_server, api_keys=(KEY_A, KEY_B), limits=limits)
-    )
-    background = BackgroundServer(state)
-    base_url = background.start()
-    yield base_url, state
-    state.sessions.check_integrity()
-    background.stop()
+    limits = Limits(max_frame_bytes=64 * 1024, max_events_per_second=50, max_output_tokens=256)
+    options = ServeOptions(redis_url=redis_server, api_keys=(KEY_A, KEY_B), limits=limits)
+    with live_server(smollm2, options) as running:
+        yield running
 
 
 @pytest.fixture
@@ -217,7 +209,7 @@ def test_bad_input_gets_typed_errors_and_state_survives(server):
         codes = [e["error"]["code"] for e in events if e["type"] == "error"]
         assert codes == ["conversation_already_has_active_response"]
         ws.recv()  # session.state
-        for _ in range(300):  # a burst far over 100 events per second
+        for _ in range(300):  # a burst far over the 50 events per second allowed
             ws.send({"type": "no.such.event"})
         codes = set()
         try:

@@ -9,22 +9,16 @@ import json
 import pytest
 from websockets.sync.client import connect
 
-from api.server import BackgroundServer, ServeOptions, build_state
-from engine.config import EngineConfig
-from engine.llm_engine import LLMEngine
+from api.server import ServeOptions
+from tests.api_helpers import live_server
 
 KEY = "key-agents"
 
 
 @pytest.fixture(scope="module")
 def server(smollm2):
-    engine = LLMEngine(smollm2, EngineConfig(num_kv_blocks=1024, check_integrity=True))
-    state = build_state(engine, ServeOptions(api_keys=(KEY,)))
-    background = BackgroundServer(state)
-    base_url = background.start()
-    yield base_url, state
-    state.sessions.check_integrity()
-    background.stop()
+    with live_server(smollm2, ServeOptions(api_keys=(KEY,))) as running:
+        yield running
 
 
 def test_agents_sdk_runs_over_the_responses_websocket(server):

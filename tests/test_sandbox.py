@@ -2,13 +2,13 @@
 
 Hostile code (busy loops, a fork bomb, huge allocations and outputs) runs with tight limits;
 each test checks that the call reports a clear result and that the sandbox (or a fresh
-interpreter) keeps working. The isolation tests need root (uid switch, namespaces) and are
-skipped without it.
+interpreter) keeps working. The containment tests expect the full isolation mode (uid switch,
+namespaces), which needs root: the development machine and CI run as root. Without root they
+fail, since the fallback mode really does not contain a fork bomb or filesystem writes.
 """
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -17,9 +17,6 @@ from pathlib import Path
 import pytest
 
 from tools.sandbox import PythonSandbox, SandboxError, SandboxLimits
-
-IS_ROOT = os.geteuid() == 0
-needs_root = pytest.mark.skipif(not IS_ROOT, reason="uid and namespace isolation need root")
 
 TIGHT_LIMITS = SandboxLimits(
     wall_time_s=3.0, cpu_time_s=1.0, memory_bytes=512 << 20, max_processes=8, output_chars=2000
@@ -104,7 +101,6 @@ def test_interpreter_death_is_reported_and_next_call_is_fresh(
     assert not fresh_sandbox.run("0").restarted
 
 
-@needs_root
 def test_fork_bomb_is_contained(fresh_sandbox: PythonSandbox) -> None:
     result = fresh_sandbox.run("import os\nwhile True:\n    os.fork()")
     assert result.outcome == "error" and result.error is not None
@@ -123,7 +119,6 @@ def test_huge_allocation_fails_with_memory_error(sandbox: PythonSandbox) -> None
     assert sandbox.run("2 + 2").value == "4"
 
 
-@needs_root
 def test_no_network(sandbox: PythonSandbox) -> None:
     assert sandbox.network_mode == "netns"
     result = sandbox.run(
@@ -133,7 +128,6 @@ def test_no_network(sandbox: PythonSandbox) -> None:
     assert "unreachable" in result.error.message
 
 
-@needs_root
 def test_writes_outside_own_directory_fail(sandbox: PythonSandbox) -> None:
     assert sandbox.run("open('mine.txt', 'w').write('ok')").value == "2"
     assert (sandbox.workdir / "mine.txt").read_text() == "ok"
@@ -142,10 +136,9 @@ def test_writes_outside_own_directory_fail(sandbox: PythonSandbox) -> None:
         result = sandbox.run(f"open({target!r}, 'w')")
         assert result.error is not None, target
         assert result.error.type in ("OSError", "PermissionError"), (target, result.error)
-        assert not Path(target).exists()
+        assert not (sandbox.workdir / target).resolve().exists(), target
 
 
-@needs_root
 def test_cannot_read_another_sandboxes_directory(
     sandbox: PythonSandbox, fresh_sandbox: PythonSandbox
 ) -> None:

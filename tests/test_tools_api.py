@@ -9,11 +9,9 @@ import jsonschema
 import openai
 import pytest
 
-from api.server import BackgroundServer, ServeOptions, build_state
+from api.server import ServeOptions
 from api.tool_runtime import python_result_text
-from engine.config import EngineConfig
-from engine.llm_engine import LLMEngine
-from tests.api_helpers import ProtocolClient
+from tests.api_helpers import ProtocolClient, live_server
 from tools.sandbox import PythonSandbox
 
 KEY = "key-tools"
@@ -48,13 +46,8 @@ TIME = {
 
 @pytest.fixture(scope="module")
 def server(smollm2):
-    engine = LLMEngine(smollm2, EngineConfig(num_kv_blocks=1024, check_integrity=True))
-    state = build_state(engine, ServeOptions(api_keys=(KEY,)))
-    background = BackgroundServer(state)
-    base_url = background.start()
-    yield base_url, state
-    state.sessions.check_integrity()
-    background.stop()
+    with live_server(smollm2, ServeOptions(api_keys=(KEY,))) as running:
+        yield running
 
 
 @pytest.fixture
