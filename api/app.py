@@ -21,16 +21,20 @@ async def health(request: Request) -> Response:
     state: ServerState = request.app.state.tarry
     tiers = state.sessions.tier_health()
     status = "ok" if all(tiers.values()) else "degraded"
-    return JSONResponse(
-        {
-            "status": status,
-            "model": state.model_name,
-            "engine_running": state.runner.is_running,
-            "tiers": tiers,
-            "kv_pool_usage": round(state.runner.engine.kv_manager.usage(), 4),
-            "time": time.time(),
-        }
-    )
+    body = {
+        "status": status,
+        "model": state.model_name,
+        "engine_running": state.runner.is_running,
+        "tiers": tiers,
+        "kv_pool_usage": round(state.runner.engine.kv_manager.usage(), 4),
+        "time": time.time(),
+    }
+    ownership = state.sessions.ownership
+    if ownership is not None:
+        body["ownership"] = ownership.health()
+        if not ownership.healthy:
+            body["status"] = "degraded"
+    return JSONResponse(body)
 
 
 async def metrics(request: Request) -> Response:

@@ -42,6 +42,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="accepted bearer token (repeatable); required off loopback",
     )
     serve.add_argument(
+        "--advertise-url",
+        default=None,
+        help="URL other instances send this one's clients to (default http://HOST:PORT)",
+    )
+    serve.add_argument(
+        "--lease-ttl-s",
+        type=float,
+        default=10.0,
+        help="session lease / instance registration TTL with --redis-url (failover delay)",
+    )
+    serve.add_argument(
         "--host-kv-gib",
         type=float,
         default=1.0,
@@ -118,6 +129,9 @@ def _serve(args: argparse.Namespace) -> int:
         redis_url=args.redis_url,
         api_keys=tuple(args.api_key),
         host_kv_bytes=int(args.host_kv_gib * (1 << 30)),
+        ownership=args.redis_url is not None,
+        advertise_url=args.advertise_url,
+        lease_ttl_s=args.lease_ttl_s,
     )
     state = build_state(engine, options)
     print(
@@ -138,6 +152,8 @@ def _serve(args: argparse.Namespace) -> int:
     finally:
         state.tools.close()  # kill every sandbox interpreter and remove its directory
         state.runner.shutdown()
+        if state.sessions.ownership is not None:
+            state.sessions.ownership.close()  # release leases: other instances take over now
     return 0
 
 

@@ -16,6 +16,7 @@ from api.tool_runtime import ToolRuntime
 from engine.async_engine import AsyncEngine
 from engine.llm_engine import LLMEngine
 from sessions.manager import SessionManager
+from sessions.ownership import SessionOwnership
 from sessions.record_store import MemoryRecordStore, RedisRecordStore, SessionRecordStore
 from sessions.tiering import build_kv_store
 
@@ -28,6 +29,10 @@ class ServeOptions:
     api_keys: tuple[str, ...] = ()
     host_kv_bytes: int = 1 << 30
     limits: Limits | None = None
+    # Several instances sharing the Redis: session leases (needs redis_url; off by default).
+    ownership: bool = False
+    advertise_url: str | None = None  # where other instances send this one's clients
+    lease_ttl_s: float = 10.0
 
 
 def is_loopback(host: str) -> bool:
@@ -49,17 +54,33 @@ def build_state(engine: LLMEngine, options: ServeOptions) -> ServerState:
     client = redis.Redis.from_url(options.redis_url) if options.redis_url else None
     engine.attach_kv_store(build_kv_store(engine, options.host_kv_bytes, client))
     records: SessionRecordStore = RedisRecordStore(client) if client else MemoryRecordStore()
+    ownership = build_ownership(options)
     runner = AsyncEngine(engine)
     runner.start()
     tools = ToolRuntime(engine.tokenizer, engine.vocab_size, sorted(engine.eos_token_ids))
     return ServerState(
         runner=runner,
-        sessions=SessionManager(runner, records),
+        sessions=SessionManager(runner, records, ownership=ownership),
         model_name=engine.loaded.name,
         tools=tools,
         api_keys=set(options.api_keys),
         limits=options.limits or Limits(),
     )
+
+
+def build_ownership(options: ServeOptions) -> SessionOwnership | None:
+    """Registered and heart-beating session ownership, or None (no Redis or not asked for).
+
+    It has its own client with short socket timeouts, so a hung Redis delays a heartbeat or a
+    session look-up by seconds at most; an unreachable Redis only marks it degraded.
+    """
+    if not options.ownership or not options.redis_url:
+        return None
+    client = redis.Redis.from_url(options.redis_url, socket_timeout=2.0, socket_connect_timeout=1.0)
+    url = options.advertise_url or f"http://{options.host}:{options.port}"
+    ownership = SessionOwnership(client, url, ttl_s=options.lease_ttl_s)
+    ownership.start()
+    return ownership
 
 
 class BackgroundServer:
@@ -94,3 +115,5 @@ class BackgroundServer:
         self.thread.join(timeout=10)
         self.state.tools.close()
         self.state.runner.shutdown()
+        if self.state.sessions.ownership is not None:
+            self.state.sessions.ownership.close()

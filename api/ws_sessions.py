@@ -33,7 +33,7 @@ from api.ws_protocol import (
     session_config,
 )
 from engine.errors import InvalidRequestError
-from sessions.errors import SessionError
+from sessions.errors import SessionError, SessionMovedError
 from sessions.session import Session
 
 CLOSE_AUTH = 4001
@@ -123,6 +123,10 @@ class SessionConnection:
             await self._dispatch(event)
         except ProtocolError as exc:
             await self.send_error(exc.code, exc.message, exc.event_id or event_id)
+        except SessionMovedError as exc:
+            moved = error_event(exc.code, str(exc), event_id)
+            moved["error"]["owner"] = exc.owner_url
+            await self.send(moved)
         except SessionError as exc:
             await self.send_error(exc.code, str(exc), event_id)
         except APIError as exc:
@@ -201,18 +205,24 @@ class SessionConnection:
 
     async def _resume(self, event: dict[str, Any]) -> None:
         session_id, token = event.get("session_id"), event.get("resume_token")
+        migrate = event.get("migrate", False)
         if not isinstance(session_id, str) or not isinstance(token, str):
             raise ProtocolError(
                 "invalid_event",
                 "session.resume needs session_id and resume_token",
                 event.get("event_id"),
             )
-        session = self.state.sessions.get(session_id, self.owner)
-        expected = session.settings.get("resume_token_sha256", "")
-        if not secrets.compare_digest(expected, _token_hash(token)):
-            raise ProtocolError(
-                "session_not_found", f"no session {session_id!r}", event.get("event_id")
-            )
+        if not isinstance(migrate, bool):
+            raise ProtocolError("invalid_event", "migrate must be a boolean", event.get("event_id"))
+
+        def check_token(session: Session) -> None:
+            expected = session.settings.get("resume_token_sha256", "")
+            if not secrets.compare_digest(expected, _token_hash(token)):
+                raise ProtocolError(
+                    "session_not_found", f"no session {session_id!r}", event.get("event_id")
+                )
+
+        session = self.state.sessions.get(session_id, self.owner, migrate, check_token)
         self.session = session
         await self.send({"type": "session.resumed", "session": self._session_info(session, None)})
 

@@ -31,3 +31,13 @@ class SessionClosedError(SessionError):
 
 class InvalidSessionInputError(SessionError):
     code = "invalid_request"
+
+
+class SessionMovedError(SessionError):
+    """Another live instance owns the session; ``owner_url`` is where to send the client."""
+
+    code = "session_moved"
+
+    def __init__(self, message: str, owner_url: str | None) -> None:
+        super().__init__(message)
+        self.owner_url = owner_url

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from engine.async_engine import AsyncEngine
@@ -21,8 +21,10 @@ from sessions.errors import (
     SessionAccessError,
     SessionBusyError,
     SessionClosedError,
+    SessionMovedError,
     SessionNotFoundError,
 )
+from sessions.ownership import SessionOwnership
 from sessions.policy import PauseDecision, PausePolicy
 from sessions.prompt import common_prefix_len, turn_prompt
 from sessions.record_store import MemoryRecordStore, SessionRecordStore
@@ -46,6 +48,7 @@ class SessionManager:
         records: SessionRecordStore | None = None,
         policy: PausePolicy | None = None,
         persist_kv: bool = True,
+        ownership: SessionOwnership | None = None,
     ) -> None:
         self.engine = engine
         self.llm = engine.engine
@@ -54,6 +57,8 @@ class SessionManager:
         self.policy = policy or PausePolicy()
         self.persist_kv = persist_kv  # write each turn's new full blocks to the KV store
         self._sessions: dict[str, Session] = {}
+        # Several instances sharing one Redis: session leases (None = single instance).
+        self.ownership = ownership
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -68,25 +73,82 @@ class SessionManager:
         if instructions:
             session.messages.append({"role": "system", "content": instructions})
         self._sessions[session.session_id] = session
+        if self.ownership is not None:
+            self.ownership.leases.acquire(session.session_id)
         self.records.save(session.to_record())
         return session
 
-    def get(self, session_id: str, owner: str) -> Session:
-        """The caller's session, from memory or (after a restart) from the record store."""
+    def get(
+        self,
+        session_id: str,
+        owner: str,
+        migrate: bool = False,
+        verify: Callable[[Session], None] | None = None,
+    ) -> Session:
+        """The caller's session, from memory or (after a restart) from the record store.
+
+        ``verify`` (e.g. a resume-token check) runs after the access check and before any lease
+        is taken; it raises to refuse. With ownership configured, a session whose lease another
+        live instance holds raises ``SessionMovedError`` (carrying its URL) unless ``migrate``;
+        a dead owner's lease, or a live one's with ``migrate``, is taken over and the session
+        loaded from its record (its KV restores through the tiers). Losing a take-over race
+        raises ``SessionMovedError`` with the winner's URL.
+        """
         session = self._sessions.get(session_id)
+        if session is not None and not self._still_ours(session):
+            self._forget(session)
+            session = None
+        loaded = session is None
         if session is None:
             record = self.records.load(session_id)
             if record is None:
                 raise SessionNotFoundError(f"no session {session_id!r}")
             session = Session.from_record(record)
-            if session.state is not SessionState.CLOSED:
-                self._sessions[session_id] = session
         if session.owner != owner:
             raise SessionAccessError(f"no session {session_id!r}")
         if session.state is SessionState.CLOSED:
             raise SessionClosedError(f"session {session_id} is closed")
+        if verify is not None:
+            verify(session)
+        if loaded:
+            self._claim(session_id, migrate)
+            self._sessions[session_id] = session
         self._refresh_state(session)
         return session
+
+    def _still_ours(self, session: Session) -> bool:
+        """False when the heartbeat found this session's lease taken by another instance (a
+        session generating a turn here stays ours until the turn ends)."""
+        if self.ownership is None or session.state is SessionState.ACTIVE:
+            return True
+        return self.ownership.leases.holds(session.session_id)
+
+    def _forget(self, session: Session) -> None:
+        """Drop a session another instance took over: its local copy and device pin."""
+        self.engine.run_exclusive(self.llm.unpin, session.session_id)
+        self._sessions.pop(session.session_id, None)
+
+    def _claim(self, session_id: str, migrate: bool) -> None:
+        """Take the lease of a session loaded from its record, or raise SessionMovedError."""
+        if self.ownership is None:
+            return
+        leases = self.ownership.leases
+        holder = leases.owner_of(session_id)
+        if holder is None:
+            if leases.acquire(session_id):
+                return
+        elif holder.instance_id == leases.me:
+            leases.acquire(session_id)
+            return
+        elif holder.alive and not migrate:
+            raise SessionMovedError(
+                f"session {session_id} is owned by the instance at {holder.url}", holder.url
+            )
+        elif leases.take_over(session_id, holder.instance_id):
+            return
+        winner = leases.owner_of(session_id)
+        url = winner.url if winner is not None else None
+        raise SessionMovedError(f"session {session_id} was taken over by {url}", url)
 
     def all_sessions(self) -> list[Session]:
         return list(self._sessions.values())
@@ -176,6 +238,8 @@ class SessionManager:
             num_turns=session.num_turns,
         )
         self._sessions[child.session_id] = child
+        if self.ownership is not None:
+            self.ownership.leases.acquire(child.session_id)
         if session.state is SessionState.PAUSED:
             self._pin(child)
         else:
@@ -205,6 +269,8 @@ class SessionManager:
         session.transition(SessionState.CLOSED)
         self._sessions.pop(session.session_id, None)
         self.records.delete(session.session_id)
+        if self.ownership is not None:
+            self.ownership.leases.release(session.session_id)
 
     # -- KV placement ------------------------------------------------------------------------
 
