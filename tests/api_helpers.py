@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import msgpack
+from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
 from api.server import BackgroundServer, ServeOptions, build_state
@@ -89,7 +91,9 @@ class ProtocolClient:
         return text, done
 
     def close(self) -> None:
-        self.ws.close()
+        """Close; a connection the server already closed (e.g. 4008) is fine."""
+        with contextlib.suppress(ConnectionClosed, TimeoutError):
+            self.ws.close()
 
 
 @contextmanager
