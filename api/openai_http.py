@@ -329,51 +329,33 @@ async def completions(request: Request) -> Response:
     completion = Completion(state.model_name, "text")
     source = state.runner.generate(prompt, params, cache_salt=owner)
     first, stream = await _first_then_rest(_generate(state, source, "completions"))
+    outputs = _chain([first] if first else [], stream)
     if not body.get("stream"):
-        for out in [first] if first else []:
+        async for out in outputs:
             completion.add(out)
-        async for out in stream:
-            completion.add(out)
-        return JSONResponse(
-            {
-                "id": completion.id,
-                "object": "text_completion",
-                "created": completion.created,
-                "model": state.model_name,
-                "choices": [
-                    {
-                        "index": 0,
-                        "text": completion.text,
-                        "logprobs": None,
-                        "finish_reason": completion.finish_reason,
-                    }
-                ],
-                "usage": completion.usage(),
-            }
-        )
+        result = _text_completion(completion, completion.text)
+        return JSONResponse({**result, "usage": completion.usage()})
 
     async def sse() -> AsyncIterator[str]:
-        pending = [first] if first else []
-        async for out in _chain(pending, stream):
+        async for out in outputs:
             completion.add(out)
-            payload = {
-                "id": completion.id,
-                "object": "text_completion",
-                "created": completion.created,
-                "model": state.model_name,
-                "choices": [
-                    {
-                        "index": 0,
-                        "text": out.new_text,
-                        "logprobs": None,
-                        "finish_reason": completion.finish_reason,
-                    }
-                ],
-            }
-            yield f"data: {json.dumps(payload)}\n\n"
+            yield f"data: {json.dumps(_text_completion(completion, out.new_text))}\n\n"
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(sse(), media_type="text/event-stream")
+
+
+def _text_completion(completion: Completion, text: str) -> dict[str, Any]:
+    """A ``text_completion`` object (or stream chunk) carrying ``text``."""
+    return {
+        "id": completion.id,
+        "object": "text_completion",
+        "created": completion.created,
+        "model": completion.model,
+        "choices": [
+            {"index": 0, "text": text, "logprobs": None, "finish_reason": completion.finish_reason}
+        ],
+    }
 
 
 async def _chain(

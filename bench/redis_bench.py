@@ -21,48 +21,18 @@ repeats, in GB/s (1e9 bytes). Both run in this process, against the same server.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
-import shutil
-import socket
-import subprocess
-import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import redis
 import torch
+from local_redis import local_redis
 
 from engine.block_pool import BlockHash
 from sessions.kv_tiers import RedisKVStore
 
 NUM_LAYERS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 30, 3, 64, 16  # SmolLM2-135M
-
-
-@contextlib.contextmanager
-def local_redis() -> Iterator[str]:
-    """A throwaway redis-server on 127.0.0.1; yields its URL."""
-    if shutil.which("redis-server") is None:
-        raise SystemExit("redis-server is not installed")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    with tempfile.TemporaryDirectory() as workdir:
-        args = ["--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-        server = subprocess.Popen(
-            ["redis-server", *args, "--dir", workdir], stdout=subprocess.DEVNULL
-        )
-        try:
-            probe = redis.Redis(port=port)
-            for _ in range(500):
-                with contextlib.suppress(redis.ConnectionError):
-                    if probe.ping():
-                        break
-                time.sleep(0.01)
-            yield f"redis://127.0.0.1:{port}/0"
-        finally:
-            server.kill()
-            server.wait()
 
 
 def best_seconds(fn: Callable[[], object], repeats: int) -> float:

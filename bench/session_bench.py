@@ -9,15 +9,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import shutil
-import socket
-import subprocess
-import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import redis
+from local_redis import local_redis
 
 from engine.async_engine import AsyncEngine
 from engine.config import EngineConfig
@@ -32,44 +27,6 @@ from sessions.session import Session
 from sessions.tiering import build_kv_store
 
 FIRST_TOKEN = SamplingParams(temperature=0.0, max_tokens=1)
-
-
-@contextmanager
-def local_redis() -> Iterator[str]:
-    """A throw-away redis-server on a free loopback port."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    workdir = tempfile.mkdtemp(prefix="tarry-bench-redis-")
-    server = subprocess.Popen(
-        [
-            "redis-server",
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            workdir,
-        ],
-        stdout=subprocess.DEVNULL,
-    )
-    url = f"redis://127.0.0.1:{port}/0"
-    try:
-        for _ in range(100):
-            try:
-                redis.Redis.from_url(url).ping()
-                break
-            except redis.ConnectionError:
-                time.sleep(0.05)
-        yield url
-    finally:
-        server.terminate()
-        server.wait()
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def make_manager(loaded: LoadedModel, tiers: list[str], redis_url: str) -> SessionManager:

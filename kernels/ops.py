@@ -61,20 +61,10 @@ def paged_attention(
 ) -> torch.Tensor:
     """Varlen paged attention; see ``reference.paged_attention_ref`` for the contract."""
     if _use_triton(query):
-        from kernels import triton_attention
-
-        return triton_attention.paged_attention(
-            query,
-            key_cache,
-            value_cache,
-            block_tables,
-            seq_lens,
-            query_start_loc,
-            scale,
-            sliding_window=sliding_window,
-            softcap=softcap,
-        )
-    return paged_attention_cpu(
+        from kernels.triton_attention import paged_attention as implementation
+    else:
+        implementation = paged_attention_cpu
+    return implementation(
         query,
         key_cache,
         value_cache,
