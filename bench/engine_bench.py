@@ -182,6 +182,7 @@ def gpu_decode_suite(loaded: LoadedModel) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None, help="model path (default: the embedded one)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default=None)
     parser.add_argument("--gpu-decode", action="store_true", help="decode batch 1/32 on a GPU")
@@ -195,7 +196,7 @@ def main() -> None:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("engine_bench: --device cuda asked for, but no GPU is present")
         return
-    loaded = load_model(None, dtype=args.dtype, device=args.device)
+    loaded = load_model(args.model, dtype=args.dtype, device=args.device)
     print(
         f"model {loaded.name} dtype {loaded.dtype} device {loaded.device} "
         f"torch threads {torch.get_num_threads()}",

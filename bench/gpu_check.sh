@@ -1,13 +1,21 @@
 #!/usr/bin/env bash
-# GPU check for Tarry's kernels: run from the repository root on a machine with a CUDA GPU.
+# GPU check for Tarry's kernels and engine: run from the repository root on a CUDA machine.
 #
-#   bash bench/gpu_check.sh
+#   bash bench/gpu_check.sh [ASSETS_DIR]
 #
-# Prints nvidia-smi, runs the kernel tests on the GPU, the decode bandwidth benchmark and, when
-# present, the engine benchmark. Everything is teed into "${OUT:-/tmp}/gpu_check.log".
-# Each step has its own time limit (worst case about 5.5 minutes in all); a failing step is
-# reported and the script goes on. Exit status: 0 when every step passed or there is no GPU,
-# 1 when a step failed.
+# Prints nvidia-smi, runs the kernel tests and the greedy parity tests (engine with the Triton
+# path vs transformers generate(), tiny models of every architecture) on the GPU, the decode
+# bandwidth benchmark and the engine decode benchmark. Everything is teed into
+# "${OUT:-/tmp}/gpu_check.log". Each step has its own time limit (worst case under 6 minutes in
+# all); a failing step is reported and the script goes on. Exit status: 0 when every step passed
+# or there is no GPU, 1 when a step failed.
+#
+# ASSETS_DIR (default .gpu) serves machines that cannot install from an index or receive the
+# embedded model: whl/*.whl are installed into /tmp/gpu-site (e.g. redis-py, which the test
+# fixtures import), and smollm2/ (config.json and tokenizer files, no weights; see
+# bench/random_weights.py) gives the parity tests their tokenizer and the engine benchmark a
+# SmolLM2-shaped model with random weights. Without it the tests and benchmark use the embedded
+# model, as on a developer machine.
 set -u -o pipefail
 
 LOG_DIR="${OUT:-/tmp}"
@@ -46,14 +54,28 @@ main() {
     fi
     "$PYTHON" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 
-    step "kernel tests" 180 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_kernels.py
-    step "kernel bench" 60 "$PYTHON" bench/kernel_bench.py
-    if [ -f bench/engine_bench.py ]; then
-        step "engine bench" 90 "$PYTHON" bench/engine_bench.py --device cuda --gpu-decode
-    else
-        echo
-        echo "=== engine bench: bench/engine_bench.py not present, skipped ==="
+    local assets="${1:-.gpu}" model_args=() parallel=()
+    if compgen -G "$assets/whl/*.whl" >/dev/null; then
+        "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+            --target /tmp/gpu-site "$assets"/whl/*.whl
+        export PYTHONPATH="$PYTHONPATH:/tmp/gpu-site"
     fi
+    if [ -f "$assets/smollm2/config.json" ]; then
+        export TARRY_TEST_TOKENIZER="$assets/smollm2"
+        step "random-weight SmolLM2" 60 "$PYTHON" -m bench.random_weights \
+            "$assets/smollm2" /tmp/gpu-smollm2-random
+        model_args=(--model /tmp/gpu-smollm2-random)
+    fi
+    if "$PYTHON" -c "import xdist" 2>/dev/null; then
+        parallel=(-n 8)  # Triton compiles each kernel variant once per process: spread them
+    fi
+    step "kernel tests" 150 "$PYTHON" -m pytest -q -p no:cacheprovider "${parallel[@]}" \
+        tests/test_kernels.py
+    step "parity tests" 120 env TARRY_TEST_DEVICE=cuda "$PYTHON" -m pytest -q \
+        -p no:cacheprovider tests/test_parity.py
+    step "kernel bench" 60 "$PYTHON" bench/kernel_bench.py
+    step "engine bench" 120 "$PYTHON" bench/engine_bench.py --device cuda --gpu-decode \
+        "${model_args[@]}"
 
     echo
     if [ "${#FAILED[@]}" -eq 0 ]; then

@@ -6,6 +6,7 @@ Tarry cache), and the tiny models are built from configs here, with SmolLM2's to
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -60,10 +61,20 @@ def build_tiny_model_dir(arch: str, root: Path, tokenizer: Any) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_tokenizer(request: pytest.FixtureRequest) -> Any:
+    """SmolLM2's tokenizer, or the one saved in ``$TARRY_TEST_TOKENIZER`` (a directory), which
+    lets ``bench/gpu_check.sh`` build the tiny models where the embedded model is not carried."""
+    tokenizer_dir = os.environ.get("TARRY_TEST_TOKENIZER")
+    if tokenizer_dir:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(tokenizer_dir)
+    return request.getfixturevalue("smollm2").tokenizer
+
+
+@pytest.fixture(scope="session")
 def tiny_model_dirs(
-    tmp_path_factory: pytest.TempPathFactory, smollm2: LoadedModel
+    tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer: Any
 ) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tiny-models")
-    return {
-        arch: build_tiny_model_dir(arch, root, smollm2.tokenizer) for arch in TINY_ARCHITECTURES
-    }
+    return {arch: build_tiny_model_dir(arch, root, tiny_tokenizer) for arch in TINY_ARCHITECTURES}

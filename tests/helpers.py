@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -13,18 +14,27 @@ from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 
 
+def parity_device() -> str:
+    """Where the parity tests run: ``$TARRY_TEST_DEVICE`` (``bench/gpu_check.sh`` sets
+    ``cuda``), else the CPU. The suite never needs a GPU."""
+    return os.environ.get("TARRY_TEST_DEVICE", "cpu")
+
+
 def hf_greedy(model_dir: Path, prompts: list[list[int]], num_tokens: int) -> list[list[int]]:
     """``transformers`` ``generate()`` greedy continuations, one prompt at a time (no padding),
-    exactly ``num_tokens`` each (EOS suppressed, as our ``min_tokens`` does)."""
+    exactly ``num_tokens`` each (EOS suppressed, as our ``min_tokens`` does), on
+    ``parity_device()``."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), attn_implementation="sdpa").eval()
+    device = parity_device()
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), attn_implementation="sdpa")
+    model = model.to(device).eval()
     results = []
     with torch.inference_mode():
         for prompt in prompts:
             out = model.generate(
-                torch.tensor([prompt]),
-                attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                torch.tensor([prompt], device=device),
+                attention_mask=torch.ones(1, len(prompt), dtype=torch.long, device=device),
                 max_new_tokens=num_tokens,
                 min_new_tokens=num_tokens,
                 do_sample=False,
@@ -39,7 +49,11 @@ def greedy(num_tokens: int) -> SamplingParams:
 
 
 def make_engine(model: LoadedModel | Path, **config: object) -> LLMEngine:
-    loaded = model if isinstance(model, LoadedModel) else load_model(str(model), device="cpu")
+    """An engine with integrity checks; a model directory is loaded on ``parity_device()``."""
+    if isinstance(model, LoadedModel):
+        loaded = model
+    else:
+        loaded = load_model(str(model), dtype="float32", device=parity_device())
     return LLMEngine(loaded, EngineConfig(check_integrity=True, **config))  # type: ignore[arg-type]
 
 

@@ -19,7 +19,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -39,9 +39,12 @@ class RedisServer:
     """One redis-server subprocess on 127.0.0.1:``port``; ``stop``/``start`` keep the port,
     ``pause``/``resume`` freeze it (SIGSTOP/SIGCONT) to provoke timeouts."""
 
-    def __init__(self, workdir: Path, port: int | None = None) -> None:
+    def __init__(
+        self, workdir: Path, port: int | None = None, extra_args: Sequence[str] = ()
+    ) -> None:
         self.workdir = workdir
         self.port = port or free_port()
+        self.extra_args = list(extra_args)  # e.g. --cluster-enabled yes
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -67,6 +70,7 @@ class RedisServer:
                 "no",
                 "--dir",
                 str(self.workdir),
+                *self.extra_args,
             ],  # fmt: skip
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -115,7 +119,7 @@ class RedisServer:
         raise RuntimeError(f"redis-server did not answer PING within {timeout_s} s")
 
 
-def _require_redis_server() -> None:
+def require_redis_server() -> None:
     """Fail (never skip): the tests' Redis must be real; ./scripts/test.sh installs it."""
     if shutil.which(REDIS_SERVER) is None:
         raise RuntimeError(f"{REDIS_SERVER} is not installed (apt-get install redis-server)")
@@ -124,7 +128,7 @@ def _require_redis_server() -> None:
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The URL of a redis-server shared by the whole test session."""
-    _require_redis_server()
+    require_redis_server()
     server = RedisServer(tmp_path_factory.mktemp("redis"))
     server.start()
     try:
@@ -136,7 +140,7 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 @pytest.fixture
 def redis_process(tmp_path: Path) -> Iterator[RedisServer]:
     """A redis-server of this test's own, to stop, pause and restart at will."""
-    _require_redis_server()
+    require_redis_server()
     server = RedisServer(tmp_path / "redis")
     server.start()
     try:
