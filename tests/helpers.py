@@ -54,6 +54,8 @@ def make_engine(model: LoadedModel | Path, **config: object) -> LLMEngine:
         loaded = model
     else:
         loaded = load_model(str(model), dtype="float32", device=parity_device())
+    if "num_kv_blocks" not in config:  # a GPU's free memory would be millions of tiny blocks
+        config.setdefault("kv_cache_bytes", 1 << 30)
     return LLMEngine(loaded, EngineConfig(check_integrity=True, **config))  # type: ignore[arg-type]
 
 
