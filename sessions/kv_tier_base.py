@@ -26,7 +26,7 @@ class KVTierStats:
     misses: int = 0  # blocks requested by loads that returned None
     invalid: int = 0  # stored blocks discarded because they failed verification
     evictions: int = 0  # blocks evicted to respect the capacity / byte budget
-    bytes_used: int = 0  # host: bytes held; Redis: the shared budget counter, as last seen
+    bytes_used: int = 0  # host: bytes held; Redis: the shards' budget counters, as last seen
     errors: int = 0  # Redis: calls that failed (connection, timeout, error replies)
 
 

@@ -1,17 +1,19 @@
-"""The Redis KV tier: one msgpack frame per block, TTLs, a shared byte budget with LRU
-eviction, and no Redis failure ever escaping a call (an outage reads as an empty tier)."""
+"""The Redis KV tier: one msgpack frame per block, TTLs, a byte budget with LRU eviction per
+index shard, on a single Redis or a Redis Cluster, and no Redis failure ever escaping a call
+(an outage reads as an empty tier)."""
 
 from __future__ import annotations
 
 import itertools
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 from typing import TypeVar
 
 import redis
 import torch
+from redis.cluster import RedisCluster
 from redis.utils import HIREDIS_AVAILABLE
 
 from engine.block_pool import BlockHash
@@ -33,14 +35,19 @@ from sessions.kv_tier_base import (
     empty_staged,
     logger,
 )
-from sessions.redis_wire import Packed, ReplyWindow, exchange, make_client, pack_command, stream
+from sessions.redis_routing import REDIS_FAILURES, make_router
+from sessions.redis_wire import Packed, ReplyWindow, Route, exchange, pack_command, stream
 
 T = TypeVar("T")
 
-# The budget index, per namespace and fingerprint: a sorted set of block members (hash hex) by
-# last use in microseconds, a hash member -> value size, and a byte counter. Scripts keep the
-# three consistent atomically. They build block keys from a prefix, which standalone Redis
-# allows; Redis Cluster would need hash tags in the key names.
+DEFAULT_CLUSTER_SHARDS = 16
+
+# The budget index of one shard: a sorted set of block members (hash hex) by last use in
+# microseconds, a hash member -> value size, and a byte counter. Scripts keep the three
+# consistent atomically. Every key a script touches carries the shard's hash tag, so all of
+# them live in one cluster slot; blocks a call names are passed in KEYS, the ones it cannot
+# know in advance (the oldest, to evict; stale entries, to prune) are built from the
+# shard's block key prefix.
 _LUA_FORGET = """
 local function forget(lru, sizes, counter, member)
   local size = redis.call('HGET', sizes, member)
@@ -52,18 +59,19 @@ local function forget(lru, sizes, counter, member)
 end
 """
 
-# KEYS: lru, sizes, counter. ARGV: block key prefix, budget bytes, prune-before score or -1,
-# ttl seconds or -1, then (score, member) pairs. Records the blocks that exist (sizes via
-# STRLEN, so racing writers count a block once), forgets expired entries, evicts down to the
-# budget. Returns {evicted, bytes used}.
+# KEYS: lru, sizes, counter, then one block key per recorded block. ARGV: the shard's block
+# key prefix, its budget in bytes, prune-before score or -1, ttl seconds or -1, then a
+# (score, member) pair per recorded block. Records the blocks that exist (sizes via STRLEN,
+# so racing writers count a block once), forgets expired entries, evicts down to the budget,
+# refreshes the TTL of every key named. Returns {evicted, bytes used}.
 _LUA_RECORD_AND_EVICT = (
     _LUA_FORGET
     + """
 local lru, sizes, counter = KEYS[1], KEYS[2], KEYS[3]
 local prefix, budget, prune_before, ttl = ARGV[1], tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4])
-for i = 5, #ARGV, 2 do
-  local score, member = ARGV[i], ARGV[i + 1]
-  local size = redis.call('STRLEN', prefix .. member)
+for i = 4, #KEYS do
+  local score, member = ARGV[2 * i - 3], ARGV[2 * i - 2]
+  local size = redis.call('STRLEN', KEYS[i])
   if size > 0 then
     if redis.call('HSETNX', sizes, member, size) == 1 then
       redis.call('INCRBY', counter, size)
@@ -103,42 +111,99 @@ return {evicted, used}
 """
 )
 
-# KEYS: lru, sizes, counter. ARGV: block key prefix, then members. Deletes blocks and their
-# index entries.
+# KEYS: lru, sizes, counter, then block keys. ARGV: their members, in the same order.
+# Deletes the blocks and their index entries.
 _LUA_DISCARD = (
     _LUA_FORGET
     + """
-for i = 2, #ARGV do
-  redis.call('DEL', ARGV[1] .. ARGV[i])
-  forget(KEYS[1], KEYS[2], KEYS[3], ARGV[i])
+for i = 4, #KEYS do
+  redis.call('DEL', KEYS[i])
+  forget(KEYS[1], KEYS[2], KEYS[3], ARGV[i - 3])
 end
-return #ARGV - 1
+return #KEYS - 3
 """
 )
 
 
+class KeyLayout:
+    """Where a block and its shard's budget index live (see ``RedisKVStore``): a block's
+    shard is the first four bytes of its hash modulo ``num_shards``, and a shard's keys
+    share the hash tag ``{<fingerprint>.<shard>}``. Namespace and fingerprint must not
+    contain braces (they would move the tag): ValueError."""
+
+    def __init__(self, namespace: str, fingerprint: str, num_shards: int) -> None:
+        if num_shards < 1:
+            raise ValueError(f"index_shards must be >= 1, got {num_shards}")
+        if any(brace in name for brace in "{}" for name in (namespace, fingerprint)):
+            raise ValueError("namespace and fingerprint must not contain '{' or '}'")
+        self.num_shards = num_shards
+        tags = [f"{{{fingerprint}.{shard}}}" for shard in range(num_shards)]
+        self.block_prefixes = [f"{namespace}:kv:{tag}:" for tag in tags]
+        self.index_keys = [
+            (f"{namespace}:kvindex:{tag}:lru", f"{namespace}:kvindex:{tag}:sizes",
+             f"{namespace}:kvindex:{tag}:bytes")
+            for tag in tags
+        ]  # fmt: skip
+
+    def shard_of(self, block_hash: BlockHash) -> int:
+        return int.from_bytes(block_hash[:4], "big") % self.num_shards
+
+    def block_key(self, block_hash: BlockHash) -> str:
+        return self.block_prefixes[self.shard_of(block_hash)] + block_hash.hex()
+
+    def by_shard(self, block_hashes: Sequence[BlockHash]) -> dict[int, list[int]]:
+        """The indices of ``block_hashes`` grouped by shard, in order within each shard."""
+        groups: dict[int, list[int]] = {}
+        for block_idx, block_hash in enumerate(block_hashes):
+            groups.setdefault(self.shard_of(block_hash), []).append(block_idx)
+        return groups
+
+
 class RedisKVStore(KVTier):
-    """Blocks in Redis under ``{namespace}:kv:{fingerprint}:{hash hex}``, one frame each.
+    """Blocks in Redis, one frame each, on a single Redis or a Redis Cluster (one code path;
+    only the default number of shards differs).
 
     Round trips: ``load`` is one pipelined stream (GETs are written ahead, about
-    ``inflight_bytes`` of replies in flight, so Redis never buffers a whole restore for one
-    client; replies are verified and copied as they arrive). ``save`` is one small pipelined
-    EXISTS round trip (so held blocks are not re-sent), then one pipelined stream of SETs plus
-    the budget script. ``lookup`` is one pipelined round trip.
+    ``inflight_bytes`` of replies in flight per connection, so no Redis buffers a whole
+    restore for one client; replies are verified and copied as they arrive). ``save`` is one
+    small pipelined EXISTS round trip (so held blocks are not re-sent), then one pipelined
+    stream of SETs plus the budget script of each shard it touched. ``lookup`` is one
+    pipelined round trip. On a cluster every stream is split by node and sent to all nodes
+    at once, each over its own connection, replies handed back in command order: a call
+    costs the same round trips as on one Redis.
 
-    TTL: every block key gets ``ttl_s`` on save, refreshed on load (None: no expiry).
-    Budget: with ``budget_bytes``, an index shared by all servers of this fingerprint evicts
-    least recently used blocks (tails first) after each save; without it there is no index.
-    Index scores come from each server's clock.
+    Keys (``KeyLayout``), the same on a single Redis and on a cluster::
+
+        <namespace>:kv:{<fingerprint>.<shard>}:<hash hex>              one block's frame
+        <namespace>:kvindex:{<fingerprint>.<shard>}:lru|sizes|bytes    its shard's budget index
+
+    e.g. ``tarry:kv:{3f2a...c1.7}:9ab4...`` and ``tarry:kvindex:{3f2a...c1.7}:lru``. The
+    braces are a Redis Cluster hash tag: a shard's blocks and index share one slot, so its
+    budget scripts run on one node, while the ``index_shards`` shards (default 1 on a single
+    Redis, 16 on a cluster) spread a fingerprint's blocks over the nodes.
+
+    TTL: every block key gets ``ttl_s`` on save, refreshed on load and when a save finds it
+    held (None: no expiry).
+    Budget: with ``budget_bytes``, each shard keeps an index shared by all servers of this
+    fingerprint and, after each save that touched it, evicts its least recently used blocks
+    (tails first) down to its share, ``budget_bytes // index_shards``. LRU is per shard, so
+    globally approximate: a shard may evict while another is under its share. The bytes
+    used stay within ``budget_bytes`` summed over the shards. Without a budget there is no
+    index. Index scores come from each server's clock.
 
     Failures: Redis errors (refused, timeout, error replies) never raise from
     ``lookup``/``load``/``save``/``contains``: they return 0 / None / nothing / all False,
-    set ``healthy`` False and ``last_error``, and the next call simply tries again. Invalid
-    values (unparsable, truncated, foreign fingerprint/layout, wrong tokens, bad checksum)
-    are deleted, logged as warnings and reported as misses.
+    set ``healthy`` False and ``last_error``, and the next call simply tries again. On a
+    cluster, one node down, a slot moved (MOVED, ASK) or a cluster in flux (CLUSTERDOWN,
+    TRYAGAIN) fail the whole call the same way, and the slot map is reloaded for the next
+    one. Invalid values (unparsable, truncated, foreign fingerprint/layout, wrong tokens,
+    bad checksum) are deleted, logged as warnings and reported as misses.
 
-    ``client_or_url``: a URL, or a client (bytes replies) whose address and options are reused
-    under the store's own settings: short socket timeouts, no retries, 1 MiB reads.
+    ``client_or_url``: a URL (a cluster node's with ``cluster=True``), a ``redis.Redis`` or
+    a ``redis.cluster.RedisCluster`` (bytes replies) whose addresses, credentials and TLS
+    options are reused under the store's own settings: short socket timeouts, no retries,
+    1 MiB reads. Creating a store connects to nothing: a cluster client is built on first
+    use and on later calls until the cluster answers.
 
     ``dtype`` and ``block_shape`` ([num_layers, 2, block_size, kv_heads, head_dim]), when
     given, are what every frame must declare (the fingerprint implies them but cannot be
@@ -147,13 +212,15 @@ class RedisKVStore(KVTier):
 
     def __init__(
         self,
-        client_or_url: redis.Redis | str,
+        client_or_url: redis.Redis | RedisCluster | str,
         fingerprint: str,
         kv_layout: str = "LKBTHD",
         ttl_s: int | None = 3600,
         budget_bytes: int | None = None,
         namespace: str = "tarry",
         *,
+        cluster: bool = False,
+        index_shards: int | None = None,
         dtype: torch.dtype | None = None,
         block_shape: Sequence[int] | None = None,
         socket_timeout_s: float = 1.0,
@@ -164,27 +231,30 @@ class RedisKVStore(KVTier):
             raise ValueError(f"ttl_s must be >= 1 or None, got {ttl_s}")
         if budget_bytes is not None and budget_bytes < 0:
             raise ValueError(f"budget_bytes must be >= 0 or None, got {budget_bytes}")
-        self._client = make_client(client_or_url, socket_timeout_s, connect_timeout_s)
+        self._router = make_router(client_or_url, cluster, socket_timeout_s, connect_timeout_s)
         if not HIREDIS_AVAILABLE:
             logger.warning("hiredis is not installed: Redis KV restores will be slow")
+        self.is_cluster = self._router.is_cluster
+        if index_shards is None:
+            index_shards = DEFAULT_CLUSTER_SHARDS if self.is_cluster else 1
+        self.keys = KeyLayout(namespace, fingerprint, index_shards)
         self.fingerprint = fingerprint
         self.kv_layout = kv_layout
         self.ttl_s = ttl_s
         self.budget_bytes = budget_bytes
+        self.shard_budget_bytes = None if budget_bytes is None else budget_bytes // index_shards
         self.dtype = dtype
         self.block_shape = tuple(block_shape) if block_shape is not None else None
         self.inflight_bytes = inflight_bytes
         self._frame_bytes_hint: int | None = None  # sizes the first load window; any value works
-        self.key_prefix = f"{namespace}:kv:{fingerprint}:"
-        index = f"{namespace}:kvindex:{fingerprint}"
-        self.index_keys = (f"{index}:lru", f"{index}:sizes", f"{index}:bytes")
         self._pin_memory = torch.cuda.is_available()
         self._lock = threading.Lock()  # guards the counters and the health fields
         self._stats = KVTierStats()
+        self._shard_bytes_used: dict[int, int] = {}  # each shard's counter, as last seen
         self._healthy = True
         self._last_error: str | None = None
 
-    # -- health and stats ------------------------------------------------------------------
+    # -- health, stats and keys ------------------------------------------------------------
 
     @property
     def healthy(self) -> bool:
@@ -198,16 +268,24 @@ class RedisKVStore(KVTier):
 
     @property
     def stats(self) -> KVTierStats:
-        """A snapshot of this process's counters."""
+        """A snapshot of this process's counters; ``bytes_used`` sums the shards' counters
+        as this process last saw them."""
         with self._lock:
             return replace(self._stats)
 
     def ping(self) -> bool:
-        """Probe Redis now and update ``healthy``."""
-        return self._guarded(lambda: bool(self._client.ping()), False)
+        """Probe Redis (every primary of a cluster) now and update ``healthy``."""
+        return self._guarded(self._ping, False)
 
     def block_key(self, block_hash: BlockHash) -> str:
-        return self.key_prefix + block_hash.hex()
+        return self.keys.block_key(block_hash)
+
+    def shard_of(self, block_hash: BlockHash) -> int:
+        return self.keys.shard_of(block_hash)
+
+    def index_keys(self, shard: int) -> tuple[str, str, str]:
+        """The budget index of ``shard``: its LRU zset, sizes hash and byte counter."""
+        return self.keys.index_keys[shard]
 
     # -- KVStore ---------------------------------------------------------------------------
 
@@ -252,8 +330,14 @@ class RedisKVStore(KVTier):
 
     # -- the work --------------------------------------------------------------------------
 
+    def _ping(self) -> bool:
+        pools = self._router.every_node()
+        replies = exchange(Route(pools, range(len(pools))), [pack_command("PING")] * len(pools))
+        _raise_first_error(replies)
+        return True
+
     def _exists(self, keys: Sequence[str]) -> list[bool]:
-        replies = exchange(self._client, [pack_command("EXISTS", key) for key in keys])
+        replies = self._exchange(keys, [pack_command("EXISTS", key) for key in keys])
         return [reply == 1 for reply in replies]
 
     def _load(
@@ -269,10 +353,10 @@ class RedisKVStore(KVTier):
                     self._frame_bytes_hint = len(reply)
                 restore.accept(reply_idx, reply)
 
-        commands = [self._get_command(key) for key in keys]
-        commands += self._touch_commands(block_hashes)
+        touch = self._touch_commands(block_hashes)
+        commands = [self._get_command(key) for key in keys] + touch.commands
         window = ReplyWindow(self.inflight_bytes, self._frame_bytes_hint)
-        stream(self._client, commands, on_reply, window)
+        stream(self._router.route(keys + touch.keys), commands, on_reply, window)
         if restore.invalid:
             self._discard([(block_hashes[i], reason) for i, reason in restore.invalid])
         return restore.result()
@@ -287,33 +371,44 @@ class RedisKVStore(KVTier):
         held = self._exists(keys)
         new_idx = [i for i, is_held in enumerate(held) if not is_held]
         sets = (self._set_command(keys[i], staged[:, :, i], token_ids[i]) for i in new_idx)
-        tail: list[Packed] = []
         if self.budget_bytes is not None:
-            tail.append(self._record_command(block_hashes))
-        elif self.ttl_s is not None:
-            tail += [
-                pack_command("EXPIRE", keys[i], self.ttl_s)
-                for i, is_held in enumerate(held)
-                if is_held
-            ]
-        replies = exchange(self._client, itertools.chain(sets, tail))
-        errors = [reply for reply in replies if isinstance(reply, redis.ResponseError)]
-        if errors:
-            raise errors[0]  # e.g. OOM: reported through _guarded, the blocks are dropped
-        if self.budget_bytes is not None:
-            evicted, used = _int_pair(replies[-1])
-            with self._lock:
-                self._stats.evictions += evicted
-                self._stats.bytes_used = used
+            tail, recorded_shards = self._record_commands(block_hashes, keys)
+        else:
+            tail, recorded_shards = self._expire_commands(keys, held), []
+        route = self._router.route([keys[i] for i in new_idx] + tail.keys)
+        replies = exchange(route, itertools.chain(sets, tail.commands))
+        _raise_first_error(replies)  # e.g. OOM: reported through _guarded, the blocks dropped
+        if recorded_shards:
+            self._count_budget(recorded_shards, replies[len(new_idx) :])
 
     def _discard(self, bad_blocks: Sequence[tuple[BlockHash, str]]) -> None:
         for block_hash, reason in bad_blocks:
             logger.warning("Redis KV block %s discarded: %s", self.block_key(block_hash), reason)
-        members = [block_hash.hex() for block_hash, _ in bad_blocks]
-        command = pack_command("EVAL", _LUA_DISCARD, 3, *self.index_keys, self.key_prefix, *members)
-        exchange(self._client, [command])
+        hashes = [block_hash for block_hash, _ in bad_blocks]
+        batch = _Batch()
+        for shard, block_idxs in self.keys.by_shard(hashes).items():
+            lru, sizes, counter = self.index_keys(shard)
+            block_keys = [self.block_key(hashes[i]) for i in block_idxs]
+            members = [hashes[i].hex() for i in block_idxs]
+            batch.add(lru, "EVAL", _LUA_DISCARD, 3 + len(block_keys), lru, sizes, counter,
+                      *block_keys, *members)  # fmt: skip
+        self._exchange(batch.keys, batch.commands)
         with self._lock:
             self._stats.invalid += len(bad_blocks)
+
+    def _count_budget(self, shards: Sequence[int], replies: Sequence[object]) -> None:
+        """Take in the budget scripts' replies, one per shard of ``shards``."""
+        results = [_int_pair(reply) for reply in replies]
+        with self._lock:
+            for shard, (num_evicted, bytes_used) in zip(shards, results, strict=True):
+                self._stats.evictions += num_evicted
+                self._shard_bytes_used[shard] = bytes_used
+            self._stats.bytes_used = sum(self._shard_bytes_used.values())
+
+    def _exchange(self, keys: Sequence[str], commands: Iterable[Packed]) -> list[object]:
+        return exchange(self._router.route(keys), commands)
+
+    # -- commands --------------------------------------------------------------------------
 
     def _get_command(self, key: str) -> Packed:
         if self.ttl_s is None:
@@ -326,43 +421,78 @@ class RedisKVStore(KVTier):
             return pack_command("SET", key, frame, "NX")
         return pack_command("SET", key, frame, "NX", "EX", self.ttl_s)
 
-    def _touch_commands(self, block_hashes: Sequence[BlockHash]) -> list[Packed]:
-        """Move loaded blocks to the young end of the budget index (existing entries only)."""
-        if self.budget_bytes is None:
-            return []
-        commands = [pack_command("ZADD", self.index_keys[0], "XX", *_scored_members(block_hashes))]
+    def _expire_commands(self, keys: Sequence[str], held: Sequence[bool]) -> _Batch:
+        """Refresh the TTL of held blocks (without a budget; its script does it otherwise)."""
+        batch = _Batch()
         if self.ttl_s is not None:
-            commands += [pack_command("EXPIRE", key, self.ttl_s) for key in self.index_keys]
-        return commands
+            for key, is_held in zip(keys, held, strict=True):
+                if is_held:
+                    batch.add(key, "EXPIRE", key, self.ttl_s)
+        return batch
 
-    def _record_command(self, block_hashes: Sequence[BlockHash]) -> Packed:
-        assert self.budget_bytes is not None
+    def _touch_commands(self, block_hashes: Sequence[BlockHash]) -> _Batch:
+        """Move loaded blocks to the young end of their shard's budget index (existing
+        entries only)."""
+        batch = _Batch()
+        if self.budget_bytes is None:
+            return batch
+        scores = _lru_scores(len(block_hashes))
+        for shard, block_idxs in self.keys.by_shard(block_hashes).items():
+            lru, sizes, counter = self.index_keys(shard)
+            pairs = [arg for i in block_idxs for arg in (scores[i], block_hashes[i].hex())]
+            batch.add(lru, "ZADD", lru, "XX", *pairs)
+            if self.ttl_s is not None:
+                for key in (lru, sizes, counter):
+                    batch.add(key, "EXPIRE", key, self.ttl_s)
+        return batch
+
+    def _record_commands(
+        self, block_hashes: Sequence[BlockHash], keys: Sequence[str]
+    ) -> tuple[_Batch, list[int]]:
+        """One budget script per shard that ``block_hashes`` touch; the batch and, for each
+        of its commands, the shard."""
+        assert self.shard_budget_bytes is not None
         prune_before = -1
         if self.ttl_s is not None:
             prune_before = _now_us() - self.ttl_s * 1_000_000
-        return pack_command(
-            "EVAL",
-            _LUA_RECORD_AND_EVICT,
-            3,
-            *self.index_keys,
-            self.key_prefix,
-            self.budget_bytes,
-            prune_before,
-            self.ttl_s if self.ttl_s is not None else -1,
-            *_scored_members(block_hashes),
-        )
+        scores = _lru_scores(len(block_hashes))
+        batch, shards = _Batch(), []
+        for shard, block_idxs in self.keys.by_shard(block_hashes).items():
+            lru, sizes, counter = self.index_keys(shard)
+            pairs = [arg for i in block_idxs for arg in (scores[i], block_hashes[i].hex())]
+            batch.add(
+                lru,
+                "EVAL",
+                _LUA_RECORD_AND_EVICT,
+                3 + len(block_idxs),
+                lru,
+                sizes,
+                counter,
+                *[keys[i] for i in block_idxs],
+                self.keys.block_prefixes[shard],
+                self.shard_budget_bytes,
+                prune_before,
+                self.ttl_s if self.ttl_s is not None else -1,
+                *pairs,
+            )
+            shards.append(shard)
+        return batch, shards
+
+    # -- health ----------------------------------------------------------------------------
 
     def _guarded(self, action: Callable[[], T], fallback: T) -> T:
-        """``action()``, or ``fallback`` when Redis fails; keeps ``healthy`` up to date."""
+        """``action()``, or ``fallback`` when Redis fails; keeps ``healthy`` up to date and
+        lets the router recover (a cluster reloads its slot map)."""
         try:
             result = action()
-        except (redis.RedisError, OSError) as error:
+        except REDIS_FAILURES as error:
             self._mark_down(error)
+            self._router.recover(error)
             return fallback
         self._mark_up()
         return result
 
-    def _mark_down(self, error: Exception) -> None:
+    def _mark_down(self, error: BaseException) -> None:
         with self._lock:
             was_healthy, self._healthy = self._healthy, False
             self._last_error = f"{type(error).__name__}: {error}"
@@ -375,6 +505,18 @@ class RedisKVStore(KVTier):
             with self._lock:
                 self._healthy = True
             logger.info("Redis KV tier is reachable again")
+
+
+class _Batch:
+    """Small commands of one stream, each with the key it is routed by."""
+
+    def __init__(self) -> None:
+        self.keys: list[str] = []
+        self.commands: list[Packed] = []
+
+    def add(self, route_key: str, *args: str | int | bytes) -> None:
+        self.keys.append(route_key)
+        self.commands.append(pack_command(*args))
 
 
 class _Restore:
@@ -441,14 +583,17 @@ class _Restore:
         return header, body
 
 
-def _scored_members(block_hashes: Sequence[BlockHash]) -> list[str | int]:
-    """``score, member`` pairs for the budget index: now, minus one microsecond per position,
-    so a sequence's tail is older than its prefix."""
+def _lru_scores(num_blocks: int) -> list[int]:
+    """Budget index scores of a call's blocks: now, minus one microsecond per position, so a
+    sequence's tail is older than its prefix."""
     now_us = _now_us()
-    pairs: list[str | int] = []
-    for block_idx, block_hash in enumerate(block_hashes):
-        pairs += [now_us - block_idx, block_hash.hex()]
-    return pairs
+    return [now_us - block_idx for block_idx in range(num_blocks)]
+
+
+def _raise_first_error(replies: Sequence[object]) -> None:
+    for reply in replies:
+        if isinstance(reply, redis.ResponseError):
+            raise reply
 
 
 def _int_pair(reply: object) -> tuple[int, int]:

@@ -6,53 +6,33 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import msgpack
 import pytest
 import redis
 import torch
+from redis.crc import key_slot
 
-from engine.block_hash import hash_full_blocks
-from engine.block_pool import BlockHash
 from sessions.kv_frame import FrameError, decode_frame, encode_frame
 from sessions.kv_tiers import HostKVStore, RedisKVStore, TieredKVStore
+from tests.kv_tier_helpers import (
+    BLOCK_BYTES_FP32,
+    BLOCK_SIZE,
+    HEAD_DIM,
+    NUM_KV_HEADS,
+    NUM_LAYERS,
+    check_budget_lru_is_per_shard,
+    exactly_equal,
+    flip_body_byte,
+    get_bytes,
+    make_blocks,
+    num_calls,
+    timed,
+)
 from tests.redis_fixture import LatencyProxy, RedisServer  # fixtures come from conftest
 
-T = TypeVar("T")
 LOGGER = "sessions.kv_tiers"
-NUM_LAYERS, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM = 2, 4, 2, 8
-BLOCK_BYTES_FP32 = NUM_LAYERS * 2 * BLOCK_SIZE * NUM_KV_HEADS * HEAD_DIM * 4
-
-
-@dataclass
-class Blocks:
-    """``n`` full blocks of one sequence: hashes, token ids and the staged KV."""
-
-    hashes: list[BlockHash]
-    token_ids: list[list[int]]
-    staged: torch.Tensor  # [layers, 2, n, block_size, kv_heads, head_dim]
-
-    def part(self, start: int, end: int) -> Blocks:
-        return Blocks(
-            self.hashes[start:end], self.token_ids[start:end], self.staged[:, :, start:end]
-        )
-
-
-def make_blocks(num_blocks: int, dtype: torch.dtype = torch.float32, seed: int = 0) -> Blocks:
-    generator = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(0, 50000, (num_blocks * BLOCK_SIZE,), generator=generator).tolist()
-    hashes = hash_full_blocks(tokens, BLOCK_SIZE, extra=f"test-{seed}".encode())
-    shape = (NUM_LAYERS, 2, num_blocks, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM)
-    staged = torch.randn(shape, generator=generator).to(dtype)
-    token_ids = [tokens[i * BLOCK_SIZE : (i + 1) * BLOCK_SIZE] for i in range(num_blocks)]
-    return Blocks(hashes, token_ids, staged)
-
-
-def exactly_equal(a: torch.Tensor | None, b: torch.Tensor) -> bool:
-    return a is not None and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
 
 
 @pytest.fixture
@@ -63,12 +43,6 @@ def namespace() -> str:
 @pytest.fixture
 def raw(redis_server: str) -> redis.Redis:
     return redis.Redis.from_url(redis_server)
-
-
-def get_bytes(raw: redis.Redis, key: str) -> bytes:
-    value = raw.get(key)
-    assert isinstance(value, bytes), f"{key} holds no value"
-    return value
 
 
 def redis_store(url: str, namespace: str, **kwargs: Any) -> RedisKVStore:
@@ -147,8 +121,7 @@ def test_redis_value_is_a_self_describing_frame(
 ) -> None:
     store, blocks = redis_store(redis_server, namespace), make_blocks(1, torch.bfloat16)
     store.save(blocks.hashes, blocks.token_ids, blocks.staged)
-    key = f"{namespace}:kv:fp-test:{blocks.hashes[0].hex()}"
-    header, body = msgpack.unpackb(raw.get(key))
+    header, body = msgpack.unpackb(raw.get(store.block_key(blocks.hashes[0])))
     assert header["fingerprint"] == "fp-test" and header["layout"] == "LKBTHD"
     assert header["dtype"] == "bfloat16" and header["tokens"] == blocks.token_ids[0]
     assert header["shape"] == [NUM_LAYERS, 2, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM]
@@ -163,12 +136,6 @@ def test_redis_other_fingerprint_never_looks(
     redis_store(redis_server, namespace).save(blocks.hashes, blocks.token_ids, blocks.staged)
     other = RedisKVStore(redis_server, fingerprint="fp-other", namespace=namespace)
     assert other.lookup(blocks.hashes) == 0
-
-
-def _corrupt_flip_body(value: bytes) -> bytes:
-    flipped = bytearray(value)
-    flipped[-7] ^= 0x40
-    return bytes(flipped)
 
 
 def _corrupt_fingerprint(value: bytes) -> bytes:
@@ -192,7 +159,7 @@ def _corrupt_dtype(value: bytes) -> bytes:
 
 
 CORRUPTIONS = {
-    "flipped body byte": _corrupt_flip_body,
+    "flipped body byte": flip_body_byte,
     "foreign fingerprint": _corrupt_fingerprint,
     "foreign layout": _corrupt_layout,
     "foreign dtype": _corrupt_dtype,
@@ -222,7 +189,7 @@ def test_redis_invalid_value_is_deleted_and_logged(
     assert raw.exists(bad_key) == 0
     assert store.contains(blocks.hashes) == [True, False, True]
     assert store.stats.invalid == 1 and store.healthy
-    lru_key, sizes_key, bytes_key = store.index_keys
+    lru_key, sizes_key, bytes_key = store.index_keys(store.shard_of(blocks.hashes[1]))
     assert raw.zscore(lru_key, blocks.hashes[1].hex()) is None
     assert int(get_bytes(raw, bytes_key)) == sum(int(v) for v in raw.hvals(sizes_key))
 
@@ -313,7 +280,7 @@ def test_redis_budget_evicts_least_recently_used(
     store.save(d.hashes, d.token_ids, d.staged)
     assert [store.lookup(x.hashes) for x in (a, b, c, d)] == [1, 0, 1, 1]
     assert (store.stats.evictions, store.stats.bytes_used) == (1, 3 * frame_bytes)
-    assert raw.zcard(store.index_keys[0]) == 3
+    assert raw.zcard(store.index_keys(0)[0]) == 3
 
 
 def test_redis_budget_evicts_tails_before_prefixes(
@@ -339,14 +306,66 @@ def test_redis_budget_index_forgets_expired_blocks(
     store = redis_store(redis_server, namespace, ttl_s=60, budget_bytes=1 << 30)
     a, b = make_blocks(1, seed=0), make_blocks(1, seed=1)
     store.save(a.hashes, a.token_ids, a.staged)
-    lru_key, sizes_key, bytes_key = store.index_keys
+    lru_key, sizes_key, bytes_key = store.index_keys(store.shard_of(a.hashes[0]))
     raw.delete(store.block_key(a.hashes[0]))  # as if it expired a minute ago:
     raw.zadd(lru_key, {a.hashes[0].hex(): 0})
     store.save(b.hashes, b.token_ids, b.staged)
     assert raw.zrange(lru_key, 0, -1) == [b.hashes[0].hex().encode()]
     assert int(get_bytes(raw, bytes_key)) == raw.strlen(store.block_key(b.hashes[0]))
     assert raw.hkeys(sizes_key) == [b.hashes[0].hex().encode()]
-    assert all(50 < raw.ttl(key) <= 60 for key in store.index_keys)
+    assert all(50 < raw.ttl(key) <= 60 for key in (lru_key, sizes_key, bytes_key))
+
+
+def test_redis_budget_lru_is_per_shard(redis_server: str, raw: redis.Redis, namespace: str) -> None:
+    check_budget_lru_is_per_shard(
+        lambda budget: redis_store(redis_server, namespace, budget_bytes=budget, index_shards=2),
+        raw,
+    )
+
+
+@pytest.mark.parametrize("budget_bytes", [None, 1 << 30])
+def test_redis_held_blocks_are_refreshed_not_resent(
+    redis_server: str,
+    raw: redis.Redis,
+    namespace: str,
+    budget_bytes: int | None,
+) -> None:
+    store = redis_store(redis_server, namespace, ttl_s=100, budget_bytes=budget_bytes)
+    blocks = make_blocks(4)
+    head = blocks.part(0, 2)
+    store.save(head.hashes, head.token_ids, head.staged)
+    raw.expire(store.block_key(blocks.hashes[0]), 5)
+    num_sets = num_calls([raw], "set")
+    store.save(blocks.hashes, blocks.token_ids, blocks.staged)
+    assert num_calls([raw], "set") - num_sets == 2  # only the two new blocks
+    assert raw.ttl(store.block_key(blocks.hashes[0])) > 90
+    assert exactly_equal(store.load(blocks.hashes, blocks.token_ids), blocks.staged)
+
+
+def test_a_shard_keeps_its_blocks_and_index_in_one_slot() -> None:
+    store = RedisKVStore("redis://127.0.0.1:1", "fp-test", namespace="ns", index_shards=4)
+    blocks = make_blocks(32)
+    assert {store.shard_of(h) for h in blocks.hashes} == {0, 1, 2, 3}
+    for block_hash in blocks.hashes:
+        shard = store.shard_of(block_hash)
+        assert store.block_key(block_hash) == f"ns:kv:{{fp-test.{shard}}}:{block_hash.hex()}"
+        keys = (store.block_key(block_hash), *store.index_keys(shard))
+        assert len({key_slot(key.encode()) for key in keys}) == 1
+    assert store.index_keys(1) == tuple(
+        f"ns:kvindex:{{fp-test.1}}:{n}" for n in ("lru", "sizes", "bytes")
+    )
+    assert RedisKVStore("redis://127.0.0.1:1", "fp").keys.num_shards == 1
+
+
+def test_bad_store_arguments_raise() -> None:
+    url = "redis://127.0.0.1:1"
+    for namespace, fingerprint in (("ns{", "fp"), ("ns", "fp}"), ("n{s}", "fp")):
+        with pytest.raises(ValueError, match="must not contain"):
+            RedisKVStore(url, fingerprint, namespace=namespace)
+    with pytest.raises(ValueError, match="index_shards"):
+        RedisKVStore(url, "fp", index_shards=0)
+    with pytest.raises(ValueError, match="cluster=True"):
+        RedisKVStore(redis.Redis.from_url(url), "fp", cluster=True)
 
 
 def test_redis_calls_are_pipelined(redis_server: str, namespace: str) -> None:
@@ -366,12 +385,6 @@ def test_redis_calls_are_pipelined(redis_server: str, namespace: str) -> None:
         assert save_s < 0.3 and lookup_s < 0.2 and load_s < 0.3, (save_s, lookup_s, load_s)
     finally:
         proxy.close()
-
-
-def timed(call: Callable[[], T]) -> tuple[float, T]:
-    start = time.perf_counter()
-    result = call()
-    return time.perf_counter() - start, result
 
 
 # -- Redis: outages ---------------------------------------------------------------------------
