@@ -36,6 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--redis-url", default=None, help="share sessions and KV through Redis")
     serve.add_argument(
+        "--redis-cluster",
+        action="store_true",
+        help="--redis-url names a node of a Redis Cluster (the others are discovered)",
+    )
+    serve.add_argument(
         "--api-key",
         action="append",
         default=[],
@@ -114,6 +119,12 @@ async def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def redis_description(url: str | None, cluster: bool) -> str:
+    if url is None:
+        return "not configured"
+    return f"{'cluster ' if cluster else ''}at {url}"
+
+
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -122,11 +133,14 @@ def _serve(args: argparse.Namespace) -> int:
 
     if not is_loopback(args.host) and not args.api_key:
         raise ValueError(f"--api-key is required to listen on the non-loopback host {args.host}")
+    if args.redis_cluster and not args.redis_url:
+        raise ValueError("--redis-cluster needs --redis-url (any node of the cluster)")
     engine = engine_from_args(args)
     options = ServeOptions(
         host=args.host,
         port=args.port,
         redis_url=args.redis_url,
+        redis_cluster=args.redis_cluster,
         api_keys=tuple(args.api_key),
         host_kv_bytes=int(args.host_kv_gib * (1 << 30)),
         ownership=args.redis_url is not None,
@@ -137,7 +151,7 @@ def _serve(args: argparse.Namespace) -> int:
     print(
         f"tarry: serving {state.model_name} on http://{args.host}:{args.port} "
         f"(WebSocket sessions at ws://{args.host}:{args.port}/v1/sessions, "
-        f"Redis {'at ' + args.redis_url if args.redis_url else 'not configured'})",
+        f"Redis {redis_description(args.redis_url, args.redis_cluster)})",
         file=sys.stderr,
         flush=True,
     )

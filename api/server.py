@@ -7,7 +7,6 @@ import threading
 import time
 from dataclasses import dataclass
 
-import redis
 import uvicorn
 
 from api.app import build_app
@@ -18,6 +17,7 @@ from engine.llm_engine import LLMEngine
 from sessions.manager import SessionManager
 from sessions.ownership import SessionOwnership
 from sessions.record_store import MemoryRecordStore, RedisRecordStore, SessionRecordStore
+from sessions.redis_connect import connect_redis
 from sessions.tiering import build_kv_store
 
 
@@ -26,6 +26,7 @@ class ServeOptions:
     host: str = "127.0.0.1"
     port: int = 8000
     redis_url: str | None = None
+    redis_cluster: bool = False  # redis_url names a node of a Redis Cluster
     api_keys: tuple[str, ...] = ()
     host_kv_bytes: int = 1 << 30
     limits: Limits | None = None
@@ -51,10 +52,17 @@ def build_state(engine: LLMEngine, options: ServeOptions) -> ServerState:
     """
     if not is_loopback(options.host) and not options.api_keys:
         raise ValueError(f"--api-key is required to listen on the non-loopback host {options.host}")
-    client = redis.Redis.from_url(options.redis_url) if options.redis_url else None
-    engine.attach_kv_store(build_kv_store(engine, options.host_kv_bytes, client))
-    records: SessionRecordStore = RedisRecordStore(client) if client else MemoryRecordStore()
+    url, cluster = options.redis_url, options.redis_cluster
+    engine.attach_kv_store(
+        build_kv_store(engine, options.host_kv_bytes, url, redis_cluster=cluster)
+    )
     ownership = build_ownership(options)
+    records: SessionRecordStore = MemoryRecordStore()
+    if url:
+        records = RedisRecordStore(
+            connect_redis(url, cluster=cluster),
+            instance_id=ownership.instance_id if ownership is not None else None,
+        )
     runner = AsyncEngine(engine)
     runner.start()
     tools = ToolRuntime(engine.tokenizer, engine.vocab_size, sorted(engine.eos_token_ids))
@@ -76,7 +84,7 @@ def build_ownership(options: ServeOptions) -> SessionOwnership | None:
     """
     if not options.ownership or not options.redis_url:
         return None
-    client = redis.Redis.from_url(options.redis_url, socket_timeout=2.0, socket_connect_timeout=1.0)
+    client = connect_redis(options.redis_url, cluster=options.redis_cluster)
     url = options.advertise_url or f"http://{options.host}:{options.port}"
     ownership = SessionOwnership(client, url, ttl_s=options.lease_ttl_s)
     ownership.start()

@@ -360,6 +360,8 @@ class SessionManager:
         """Whether each storage tier currently answers (False = degraded: the service keeps
         working, recomputing what the tier would have provided)."""
         health = {"session_records": self.records.healthy}
+        if self.ownership is not None:
+            health["ownership"] = self.ownership.healthy
         store = self.llm.kv_store
         tiers = getattr(store, "tiers", [store] if store is not None else [])
         for tier in tiers:

@@ -1,10 +1,12 @@
-"""Session ownership across tarry instances sharing one Redis.
+"""Session ownership across tarry instances sharing one Redis or Redis Cluster.
 
-Keys (``namespace`` defaults to ``tarry``):
+Keys (``namespace`` defaults to ``tarry``; see ``sessions.redis_keys``):
 
-- ``{ns}:instance:{id}`` -> the instance's advertised URL, with a PX TTL; the heartbeat renews it.
-- ``{ns}:lease:{session_id}`` -> the owner instance's id, taken with ``SET NX PX``; the owner's
-  heartbeat renews the leases of the sessions it holds, ``release`` deletes it on close.
+- ``{ns}:instance:<id>`` -> the instance's advertised URL, with a PX TTL; the heartbeat renews it.
+- ``{ns}:lease:{<session_id>}`` -> the owner instance's id, taken with ``SET NX PX``; the
+  owner's heartbeat renews the leases of the sessions it holds, ``release`` deletes it on
+  close. The session's record shares its hash tag, so record writes are fenced by the lease
+  (``sessions.record_store.RedisRecordStore``).
 
 An owner is *alive* while its instance key exists. A dead owner's lease is replaced with
 ``take_over``, an atomic compare-and-set, so of two instances racing for it exactly one wins.
@@ -22,6 +24,8 @@ import secrets
 import threading
 from dataclasses import dataclass
 from typing import Any
+
+from sessions.redis_keys import instance_key, session_lease_key
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +109,7 @@ class InstanceRegistry:
         self.health = _RedisHealth("instance registry")
 
     def _key(self, instance_id: str) -> str:
-        return f"{self.namespace}:instance:{instance_id}"
+        return instance_key(self.namespace, instance_id)
 
     def register(self) -> bool:
         """(Re)write this instance's key with a fresh TTL; False if Redis is unavailable."""
@@ -159,7 +163,7 @@ class SessionLeases:
         return self.registry.instance_id
 
     def _key(self, session_id: str) -> str:
-        return f"{self.registry.namespace}:lease:{session_id}"
+        return session_lease_key(self.registry.namespace, session_id)
 
     def _eval(self, script: str, session_id: str, *args: Any) -> int | None:
         try:

@@ -15,9 +15,11 @@ def build_kv_store(
     redis_client: Any | None = None,
     redis_ttl_s: int | None = 3600,
     redis_budget_bytes: int | None = None,
+    redis_cluster: bool = False,
 ) -> TieredKVStore | None:
-    """Host memory (if a capacity is given) above Redis (if a client is given), keyed by the
-    engine's fingerprint and checked against its KV dtype and block shape; None if neither."""
+    """Host memory (if a capacity is given) above Redis (if a client or URL is given; with
+    ``redis_cluster`` the URL names a node of a Redis Cluster), keyed by the engine's
+    fingerprint and checked against its KV dtype and block shape; None if neither."""
     tiers: list[KVStore] = []
     if host_capacity_bytes:
         tiers.append(HostKVStore(capacity_bytes=host_capacity_bytes))
@@ -30,6 +32,7 @@ def build_kv_store(
                 budget_bytes=redis_budget_bytes,
                 dtype=engine.loaded.dtype,
                 block_shape=engine.kv_block_shape,
+                cluster=redis_cluster,
             )
         )
     return TieredKVStore(tiers) if tiers else None

@@ -1,7 +1,9 @@
-"""Scale-out: several instances sharing one Redis, session leases, failover and Redis outages.
+"""Scale-out: several instances sharing one Redis or a Redis Cluster, session leases, fenced
+record writes, failover and Redis outages.
 
 The failover and outage tests run real ``tarry serve`` processes (embedded model) on loopback;
-the race runs two in-process session managers against one Redis.
+the race and fencing tests run in-process session managers. Failover and the race run against
+both a single Redis and a three-master Redis Cluster.
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import redis
+import pytest
+from redis.cluster import RedisCluster
+from redis.crc import key_slot
 
 from engine.async_engine import AsyncEngine
 from engine.config import EngineConfig
@@ -21,8 +25,11 @@ from sessions.errors import SessionMovedError
 from sessions.manager import SessionManager
 from sessions.ownership import SessionOwnership
 from sessions.record_store import RedisRecordStore
+from sessions.redis_connect import connect_redis
+from sessions.redis_keys import session_lease_key, session_record_key
 from sessions.session import Session
 from tests.api_helpers import ProtocolClient
+from tests.redis_cluster_fixture import LocalCluster, redis_cluster  # noqa: F401
 from tests.redis_fixture import RedisServer
 from tests.scaleout_helpers import TarryProcess, free_port, wait_for
 
@@ -45,11 +52,41 @@ def _resume(client: ProtocolClient, info: dict[str, Any], migrate: bool) -> dict
     return client.recv()
 
 
+class SharedRedis:
+    """What the instances of a test share: a single Redis or a Redis Cluster."""
+
+    def __init__(self, url: str, cluster: LocalCluster | None, inspect: Any) -> None:
+        self.url = url
+        self.cluster = cluster
+        self.inspect = inspect  # a client (bytes replies) for the test's own look-ups
+
+    @property
+    def serve_args(self) -> tuple[str, ...]:
+        return ("--redis-cluster",) if self.cluster is not None else ()
+
+    def client(self) -> Any:
+        """A client like the one ``tarry serve`` builds for records and leases."""
+        return connect_redis(self.url, cluster=self.cluster is not None)
+
+
+@pytest.fixture(params=["single", "cluster"])
+def shared_redis(request: pytest.FixtureRequest, tmp_path: Path) -> SharedRedis:
+    """A fresh single Redis (this test's own), or the session's Redis Cluster, flushed."""
+    if request.param == "single":
+        server: RedisServer = request.getfixturevalue("redis_process")
+        return SharedRedis(server.url, None, server.client())
+    cluster: LocalCluster = request.getfixturevalue("redis_cluster")
+    inspect = cluster.client()
+    inspect.flushall(target_nodes=RedisCluster.PRIMARIES)
+    return SharedRedis(cluster.url, cluster, inspect)
+
+
 def test_failover_to_another_instance_restores_kv_from_redis(
-    redis_process: RedisServer, tmp_path: Path
+    shared_redis: SharedRedis, tmp_path: Path
 ) -> None:
-    a = TarryProcess(redis_process.url, tmp_path).start()
-    b = TarryProcess(redis_process.url, tmp_path).start()
+    extra = shared_redis.serve_args
+    a = TarryProcess(shared_redis.url, tmp_path, 3.0, *extra).start()
+    b = TarryProcess(shared_redis.url, tmp_path, 3.0, *extra).start()
     try:
         assert a.wait_ready()["ownership"]["healthy"]
         assert b.wait_ready()["ownership"]["url"] == b.url
@@ -95,28 +132,34 @@ def test_failover_to_another_instance_restores_kv_from_redis(
         ).json()
         assert fresh["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
         assert fresh["choices"][0]["message"]["content"] == second_text
-        owner = redis_process.client().get(f"tarry:lease:{info['id']}")
+        owner = shared_redis.inspect.get(session_lease_key("tarry", info["id"]))
         assert owner == b.health()["ownership"]["instance_id"].encode()
+        if shared_redis.cluster is not None:  # (spread over the masters: test_kv_tier_cluster)
+            assert sum(shared_redis.cluster.keys_per_node("tarry:kv:*")) > 0
         on_b.close()
     finally:
         a.kill()
         b.stop()
 
 
-def _manager(model: Any, client: redis.Redis, url: str) -> SessionManager:
+def _manager(model: Any, client: Any, url: str) -> SessionManager:
     ownership = SessionOwnership(client, url, ttl_s=5.0)
     ownership.start()
     runner = AsyncEngine(LLMEngine(model, EngineConfig(num_kv_blocks=64)))
-    return SessionManager(runner, RedisRecordStore(client), ownership=ownership)
+    records = RedisRecordStore(client, instance_id=ownership.instance_id)
+    return SessionManager(runner, records, ownership=ownership)
 
 
-def test_take_over_race_has_exactly_one_winner(smollm2: Any, redis_server: str) -> None:
-    client = redis.Redis.from_url(redis_server)
+def test_take_over_race_has_exactly_one_winner_and_fences_the_loser(
+    smollm2: Any, shared_redis: SharedRedis
+) -> None:
+    client = shared_redis.client()
     managers = [_manager(smollm2, client, f"http://instance-{i}") for i in range(2)]
     try:
         session = Session(owner="key:race", messages=[{"role": "user", "content": "hi"}])
         managers[0].records.save(session.to_record())
-        client.set(f"tarry:lease:{session.session_id}", "inst_dead", px=60_000)  # not registered
+        lease_key = session_lease_key("tarry", session.session_id)
+        client.set(lease_key, "inst_dead", px=60_000)  # an instance that is not registered
 
         barrier = threading.Barrier(2)
         outcomes: list[Any] = [None, None]
@@ -139,13 +182,27 @@ def test_take_over_race_has_exactly_one_winner(smollm2: Any, redis_server: str) 
         moved = outcomes[loser]
         assert isinstance(moved, SessionMovedError) and moved.code == "session_moved"
         assert moved.owner_url == f"http://instance-{winner}"
-        lease = client.get(f"tarry:lease:{session.session_id}")
+        lease = client.get(lease_key)
         assert lease == managers[winner].ownership.instance_id.encode()  # type: ignore[union-attr]
 
         # A live owner keeps the session unless the caller migrates; the old owner then learns
         # at its next heartbeat that it lost the lease and redirects to the new one.
         stolen = managers[loser].get(session.session_id, "key:race", migrate=True)
         assert stolen.messages == session.messages
+        stolen.messages.append({"role": "user", "content": "written by the new owner"})
+        assert managers[loser].records.save(stolen.to_record())
+
+        # The old owner's late write (say, the end of a turn it was still running) is fenced
+        # by the lease: the new owner's record stays as it is.
+        stale = outcomes[winner]
+        stale.messages.append({"role": "user", "content": "written by the old owner"})
+        old_records = managers[winner].records
+        assert isinstance(old_records, RedisRecordStore)
+        assert not old_records.save(stale.to_record())
+        assert old_records.fenced_writes == 1 and old_records.healthy
+        old_records.delete(session.session_id)  # fenced too
+        assert managers[loser].records.load(session.session_id) == stolen.to_record()
+
         old_owner = managers[winner].ownership
         assert old_owner is not None
         old_owner.beat()  # (or its heartbeat thread did already)
@@ -156,10 +213,20 @@ def test_take_over_race_has_exactly_one_winner(smollm2: Any, redis_server: str) 
         except SessionMovedError as exc:
             assert exc.owner_url == f"http://instance-{loser}"
         managers[loser].close(stolen)
-        assert client.get(f"tarry:lease:{session.session_id}") is None
+        assert client.get(lease_key) is None
+        assert client.get(session_record_key("tarry", session.session_id)) is None
     finally:
         for manager in managers:
             manager.ownership.close()  # type: ignore[union-attr]
+
+
+def test_session_record_and_lease_share_a_cluster_slot() -> None:
+    record = session_record_key("tarry", "sess_abc")
+    lease = session_lease_key("tarry", "sess_abc")
+    assert key_slot(record.encode()) == key_slot(lease.encode())
+    assert key_slot(b"tarry:session:{sess_abd}") != key_slot(record.encode())
+    with pytest.raises(ValueError, match="braces"):
+        session_record_key("tarry", "sess_{x}")
 
 
 def test_redis_outage_keeps_local_sessions_and_recovers(
@@ -176,7 +243,7 @@ def test_redis_outage_keeps_local_sessions_and_recovers(
         assert client.respond(**GREEDY)[0]
 
         redis_process.start()  # recovers: re-registers and re-takes the session's lease
-        lease_key = f"tarry:lease:{info['id']}"
+        lease_key = session_lease_key("tarry", info["id"])
         wait_for(lambda: instance.health()["ownership"]["healthy"], 10, "ownership recovery")
         me = instance.health()["ownership"]["instance_id"].encode()
         wait_for(lambda: redis_process.client().get(lease_key) == me, 10, "lease re-taken")
@@ -186,6 +253,8 @@ def test_redis_outage_keeps_local_sessions_and_recovers(
 
         redis_process.stop()  # mid-run: the local session keeps working, health says degraded
         wait_for(lambda: instance.health()["status"] == "degraded", 10, "degraded status")
+        metrics = httpx.get(f"{instance.url}/metrics", timeout=5).text
+        assert 'tarry_tier_up{tier="ownership"} 0.0' in metrics
         client.user("Thanks. One more word?")
         assert client.respond(**GREEDY)[0]
         redis_process.start()
@@ -196,7 +265,7 @@ def test_redis_outage_keeps_local_sessions_and_recovers(
 
 
 def test_ownership_never_raises_without_redis() -> None:
-    client = redis.Redis(port=free_port(), socket_connect_timeout=0.5, socket_timeout=0.5)
+    client = connect_redis(f"redis://127.0.0.1:{free_port()}")
     ownership = SessionOwnership(client, "http://nowhere", ttl_s=1.0)
     ownership.start()
     try:
@@ -208,3 +277,33 @@ def test_ownership_never_raises_without_redis() -> None:
         assert ownership.health()["sessions_held"] == 1
     finally:
         ownership.close()
+
+
+def test_cluster_down_at_start_up_degrades_then_recovers(tmp_path: Path) -> None:
+    """Ownership and session records built while no cluster node answers (the cluster client
+    cannot even be built yet) keep serving locally and catch up once the cluster is back."""
+    cluster = LocalCluster(tmp_path)
+    cluster.start()
+    try:
+        cluster.stop()
+        client = connect_redis(cluster.url, cluster=True)
+        ownership = SessionOwnership(client, "http://me", ttl_s=2.0)
+        records = RedisRecordStore(client, instance_id=ownership.instance_id)
+        ownership.start()
+        session = Session(owner="key:local", messages=[{"role": "user", "content": "hi"}])
+        assert ownership.leases.acquire(session.session_id)  # held locally meanwhile
+        assert not records.save(session.to_record()) and not records.healthy
+        assert records.load(session.session_id) is None
+        assert not ownership.healthy
+
+        for node in cluster.nodes:  # same ports and nodes.conf: the cluster re-forms
+            node.start()
+        wait_for(lambda: ownership.beat() == [] and ownership.healthy, 20, "ownership recovery")
+        assert client.get(session_lease_key("tarry", session.session_id)) == (
+            ownership.instance_id.encode()
+        )
+        assert records.save(session.to_record()) and records.healthy
+        assert records.load(session.session_id) == session.to_record()
+        ownership.close()
+    finally:
+        cluster.stop()

@@ -1,0 +1,74 @@
+"""Clients for the session records and ownership keys: one Redis, or a Redis Cluster.
+
+``connect_redis`` returns an object with redis-py's command methods (``get``, ``set``,
+``eval``, ...). For a cluster it is a ``LazyRedisCluster``: redis-py's ``RedisCluster`` asks a
+node for the slot map when it is built, so building one while the cluster is down would fail
+the server's start-up; the lazy client builds it on first use instead and tries again on later
+calls, raising ``redis.ConnectionError`` meanwhile (which the record store and the ownership
+code report as "Redis unavailable"). The KV tier builds its own clients
+(``sessions.redis_wire``).
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import redis
+from redis.backoff import NoBackoff
+from redis.cluster import RedisCluster
+from redis.exceptions import RedisClusterException
+from redis.retry import Retry
+
+
+class LazyRedisCluster:
+    """A ``RedisCluster`` for ``url`` (any node of the cluster), built on first use.
+
+    Attribute access is forwarded to the built client, so it is used exactly like one; while
+    no node answers, every command raises ``redis.ConnectionError``.
+    """
+
+    def __init__(self, url: str, **options: Any) -> None:
+        self.url = url
+        self.options = options
+        self._client: RedisCluster | None = None
+        self._lock = threading.Lock()
+
+    def client(self) -> RedisCluster:
+        """The cluster client; raises ``redis.ConnectionError`` if it cannot be built now."""
+        with self._lock:
+            if self._client is None:
+                try:
+                    self._client = RedisCluster.from_url(self.url, **self.options)
+                except (RedisClusterException, redis.RedisError, OSError) as exc:
+                    raise redis.ConnectionError(f"Redis Cluster at {self.url}: {exc}") from exc
+            return self._client
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.client(), name)
+
+
+def connect_redis(
+    url: str,
+    *,
+    cluster: bool = False,
+    socket_timeout_s: float = 2.0,
+    connect_timeout_s: float = 1.0,
+) -> redis.Redis | LazyRedisCluster:
+    """A client for ``url``: ``redis.Redis``, or with ``cluster`` a ``LazyRedisCluster``
+    whose URL names any node of the cluster. Connects lazily in both cases: no Redis needs to
+    answer yet. Replies are bytes.
+
+    A failing command is retried once, at once (a pooled connection may have died with a
+    restarted Redis), then raises: redis-py's default of 10 retries with back-off would hold
+    every session request for seconds while Redis is down, and the callers already treat an
+    error as "Redis unavailable".
+    """
+    options: dict[str, Any] = {
+        "socket_timeout": socket_timeout_s,
+        "socket_connect_timeout": connect_timeout_s,
+        "retry": Retry(NoBackoff(), 1),
+    }
+    if cluster:
+        return LazyRedisCluster(url, **options)
+    return redis.Redis.from_url(url, **options)
