@@ -1,14 +1,15 @@
 """Failover cost: an owner's SIGKILL to the first token on another instance, vs recompute.
 
-    .venv/bin/python -m bench.scaleout_bench [--context-tokens 4000] [--lease-ttl-s 2]
+    .venv/bin/python -m bench.scaleout_bench [--context-tokens 4000] [--lease-ttl-s 2] [--cluster]
 
-Starts a throw-away redis-server and two ``tarry serve`` processes (embedded SmolLM2, CPU,
-float32) sharing it. A ~N-token session is built on A (one turn), A is SIGKILLed, and the
-client resumes on B with ``migrate: true`` and asks for the next turn: *takeover* is the time
-from the kill to that turn's first streamed token (WebSocket connect, resume, lease take-over,
-record load, KV restore from Redis, prefill of the new message). *Recompute* is the first
-token of the same history sent to B's ``/v1/chat/completions`` under another API key (another
-cache salt: no KV reused, the whole context is prefilled). Both run on the same B process.
+Starts a throw-away redis-server (with ``--cluster``: a three-master Redis Cluster on loopback
+ports) and two ``tarry serve`` processes (embedded SmolLM2, CPU, float32) sharing it. A
+~N-token session is built on A (one turn), A is SIGKILLed, and the client resumes on B with
+``migrate: true`` and asks for the next turn: *takeover* is the time from the kill to that
+turn's first streamed token (WebSocket connect, resume, lease take-over, record load, KV
+restore from Redis, prefill of the new message). *Recompute* is the first token of the same
+history sent to B's ``/v1/chat/completions`` under another API key (another cache salt: no KV
+reused, the whole context is prefilled). Both run on the same B process.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any
 import httpx
 
 from tests.api_helpers import ProtocolClient
+from tests.redis_cluster_fixture import LocalCluster
 from tests.redis_fixture import RedisServer
 from tests.scaleout_helpers import TarryProcess
 
@@ -76,11 +78,14 @@ def first_token_http(base_url: str, messages: list[dict[str, Any]]) -> float:
     raise RuntimeError("no content was streamed")
 
 
-def run(context_tokens: int, lease_ttl_s: float, workdir: Path) -> dict[str, Any]:
-    redis_server = RedisServer(workdir / "redis")
+def run(context_tokens: int, lease_ttl_s: float, workdir: Path, cluster: bool) -> dict[str, Any]:
+    redis_server: RedisServer | LocalCluster
+    redis_server = LocalCluster(workdir / "cluster") if cluster else RedisServer(workdir / "redis")
     redis_server.start()
-    a = TarryProcess(redis_server.url, workdir, lease_ttl_s).start()
-    b = TarryProcess(redis_server.url, workdir, lease_ttl_s).start()
+    url = redis_server.url
+    extra = ("--redis-cluster",) if cluster else ()
+    a = TarryProcess(url, workdir, lease_ttl_s, *extra).start()
+    b = TarryProcess(url, workdir, lease_ttl_s, *extra).start()
     try:
         a.wait_ready(180)
         b.wait_ready(180)
@@ -111,6 +116,7 @@ def run(context_tokens: int, lease_ttl_s: float, workdir: Path) -> dict[str, Any
         recompute_s = first_token_http(b.url, items[:4])
         on_b.close()
         return {
+            "redis": "cluster of 3 masters" if cluster else "single",
             "context_tokens": context,
             "prompt_tokens": usage["input_tokens"],
             "cached_tokens": usage["input_token_details"]["cached_tokens"],
@@ -129,9 +135,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--context-tokens", type=int, default=4000)
     parser.add_argument("--lease-ttl-s", type=float, default=2.0)
+    parser.add_argument("--cluster", action="store_true", help="a three-master Redis Cluster")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="tarry-scaleout-bench-") as tmp:
-        result = run(args.context_tokens, args.lease_ttl_s, Path(tmp))
+        result = run(args.context_tokens, args.lease_ttl_s, Path(tmp), args.cluster)
     print(json.dumps(result, indent=2))
 
 
