@@ -20,7 +20,7 @@ from api.tool_runtime import PYTHON_TOOL_NAME
 from api.ws_protocol import usage_of
 from engine.errors import InvalidRequestError
 from engine.sampling_params import SamplingParams
-from sessions.errors import SessionError
+from sessions.errors import SessionError, SessionMovedError
 from sessions.session import Session
 from tools.tool_call import TextDelta, ToolCall, ToolCallDone
 
@@ -62,6 +62,9 @@ class ResponseRun:
             await self._rounds(generate)
         except asyncio.CancelledError:
             self.status = "cancelled"
+        except SessionMovedError as exc:  # taken over by another instance meanwhile
+            self.status = "failed"
+            await self.connection.send_session_error(exc)
         except (InvalidRequestError, SessionError) as exc:
             self.status = "failed"
             await self.connection.send_error("invalid_request", str(exc))

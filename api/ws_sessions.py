@@ -70,6 +70,13 @@ class SessionConnection:
     async def send_error(self, code: str, message: str, event_id: str | None = None) -> None:
         await self.send(error_event(code, message, event_id))
 
+    async def send_session_error(self, exc: SessionError, event_id: str | None = None) -> None:
+        """An ``error`` event for a session error; ``session_moved`` carries the ``owner``."""
+        event = error_event(exc.code, str(exc), event_id)
+        if isinstance(exc, SessionMovedError):
+            event["error"]["owner"] = exc.owner_url
+        await self.send(event)
+
     # -- the receive loop -----------------------------------------------------------------
 
     async def serve(self) -> None:
@@ -123,12 +130,8 @@ class SessionConnection:
             await self._dispatch(event)
         except ProtocolError as exc:
             await self.send_error(exc.code, exc.message, exc.event_id or event_id)
-        except SessionMovedError as exc:
-            moved = error_event(exc.code, str(exc), event_id)
-            moved["error"]["owner"] = exc.owner_url
-            await self.send(moved)
         except SessionError as exc:
-            await self.send_error(exc.code, str(exc), event_id)
+            await self.send_session_error(exc, event_id)
         except APIError as exc:
             await self.send_error(exc.code, exc.message, event_id)
         except InvalidRequestError as exc:

@@ -123,6 +123,21 @@ class SessionManager:
             return True
         return self.ownership.leases.holds(session.session_id)
 
+    def _confirm_ownership(self, session: Session) -> None:
+        """Before a change to the session: if another instance took its lease (a forced
+        take-over since our last heartbeat), drop our copy and raise SessionMovedError with
+        the new owner's URL. One Redis GET; with Redis unavailable the change goes ahead."""
+        if self.ownership is None:
+            return
+        leases = self.ownership.leases
+        holder = leases.holder(session.session_id)
+        if holder is None or holder == leases.me:
+            return
+        leases.forget(session.session_id)
+        self._forget(session)
+        url = self.ownership.registry.url_of(holder)
+        raise SessionMovedError(f"session {session.session_id} was taken over by {url}", url)
+
     def _forget(self, session: Session) -> None:
         """Drop a session another instance took over: its local copy and device pin."""
         self.engine.run_exclusive(self.llm.unpin, session.session_id)
@@ -161,6 +176,7 @@ class SessionManager:
         self._require_idle(session)
         for item in items:
             _validate_message(item)
+        self._confirm_ownership(session)
         session.messages.extend(dict(item) for item in items)
         self.records.save(session.to_record())
 
@@ -181,6 +197,7 @@ class SessionManager:
         self._require_idle(session)
         if not session.messages:
             raise InvalidSessionInputError("the session has no messages to answer")
+        self._confirm_ownership(session)
         prompt = turn_prompt(self.tokenizer, session.token_ids, session.messages, session.tools)
         request_id = f"{session.session_id}-turn{session.num_turns}-{time.monotonic_ns()}"
         session.transition(SessionState.ACTIVE)
@@ -229,6 +246,7 @@ class SessionManager:
     def fork(self, session: Session) -> Session:
         """A copy-on-write child: same history, sharing every full KV block with the parent."""
         self._require_idle(session)
+        self._confirm_ownership(session)
         child = Session(
             owner=session.owner,
             messages=[dict(m) for m in session.messages],
@@ -254,6 +272,7 @@ class SessionManager:
             raise InvalidSessionInputError(
                 f"cannot truncate {num_items} of {len(session.messages)} items"
             )
+        self._confirm_ownership(session)
         session.messages = session.messages[:-num_items]
         kept = session.messages
         rendered_ids = turn_prompt(self.tokenizer, [], kept, session.tools) if kept else []
@@ -265,6 +284,7 @@ class SessionManager:
     def close(self, session: Session) -> None:
         """End the session: release its KV pin and delete its record."""
         self._require_idle(session)
+        self._confirm_ownership(session)
         self.engine.run_exclusive(self.llm.unpin, session.session_id)
         session.transition(SessionState.CLOSED)
         self._sessions.pop(session.session_id, None)

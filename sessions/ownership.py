@@ -202,6 +202,16 @@ class SessionLeases:
             self.held.discard(session_id)
         self._eval(_RELEASE, session_id, self.me)
 
+    def forget(self, session_id: str) -> None:
+        """Stop renewing a lease another instance took (without touching the lease)."""
+        with self._lock:
+            self.held.discard(session_id)
+
+    def holder(self, session_id: str) -> str | None:
+        """The instance id holding the lease now (one Redis GET); None if nobody holds it or
+        Redis is unavailable."""
+        return self._current(session_id)
+
     def holds(self, session_id: str) -> bool:
         """Whether this instance still holds the lease, as of the last renewal."""
         with self._lock:

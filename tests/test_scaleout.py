@@ -203,10 +203,17 @@ def test_take_over_race_has_exactly_one_winner_and_fences_the_loser(
         old_records.delete(session.session_id)  # fenced too
         assert managers[loser].records.load(session.session_id) == stolen.to_record()
 
+        # Before its next heartbeat, the old owner refuses changes to the session it lost:
+        # every change checks the lease first.
+        try:
+            managers[winner].append(stale, [{"role": "user", "content": "late"}])
+            raise AssertionError("the old owner changed a session it lost")
+        except SessionMovedError as exc:
+            assert exc.owner_url == f"http://instance-{loser}"
         old_owner = managers[winner].ownership
         assert old_owner is not None
-        old_owner.beat()  # (or its heartbeat thread did already)
         assert not old_owner.leases.holds(session.session_id)
+        old_owner.beat()  # (or its heartbeat thread did already)
         try:
             managers[winner].get(session.session_id, "key:race")
             raise AssertionError("the old owner still served a session it lost")
