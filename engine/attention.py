@@ -1,15 +1,17 @@
 """Our attention function for Hugging Face models, registered via ``AttentionInterface``.
 
 The model runner packs the whole scheduled batch into one ``[1, num_tokens]`` row with explicit
-``position_ids`` and passes the batch metadata as keyword arguments of the model's forward;
-``transformers`` hands them through every decoder layer to this function (the approach of
-vLLM's Transformers backend). Each call writes the layer's new K/V into the paged pool and
-attends over each sequence's blocks. No attention mask is built: causality and sliding windows
-come from ``seq_lens`` / ``query_start_loc``.
+``position_ids`` and passes the batch metadata (``PagedAttentionMetadata``) as a keyword argument
+of the model's forward; ``transformers`` hands it through every decoder layer to this function
+(the approach of vLLM's Transformers backend). Each call writes the layer's new K/V into the
+paged pool and attends over each sequence's blocks. No attention mask is built: causality and
+sliding windows come from ``seq_lens`` / ``query_start_loc``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, cast
 
 import torch
@@ -17,6 +19,20 @@ import torch
 from kernels import ops
 
 ATTENTION_NAME = "tarry_paged"
+
+
+@dataclass(frozen=True, slots=True)
+class PagedAttentionMetadata:
+    """What every layer's attention call of one step needs besides its q/k/v.
+
+    Built once per step by the model runner and passed to the model's forward as the keyword
+    ``paged_metadata``; anything derivable once per step lives here, so a layer only launches.
+    """
+
+    # Per layer (key_cache, value_cache), each [num_blocks, block_size, num_kv_heads, head_dim]:
+    # views of the pool made once, not per call.
+    layer_caches: Sequence[tuple[torch.Tensor, torch.Tensor]]
+    batch: ops.AttentionBatch  # the step's index tensors and kernel plan
 
 
 def paged_attention_forward(
@@ -28,30 +44,25 @@ def paged_attention_forward(
     scaling: float | None = None,
     dropout: float = 0.0,
     *,
-    kv_cache: torch.Tensor,  # [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]
-    slot_mapping: torch.Tensor,  # [num_tokens] int64
-    block_tables: torch.Tensor,  # [num_seqs, max_blocks_per_seq] int32
-    seq_lens: torch.Tensor,  # [num_seqs] int32
-    query_start_loc: torch.Tensor,  # [num_seqs + 1] int32
+    paged_metadata: PagedAttentionMetadata,
     sliding_window: int | None = None,
     softcap: float | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:  # ([1, num_tokens, num_heads, head_dim], no weights)
-    """Store this layer's K/V by ``slot_mapping``, then paged attention for every token."""
-    layer_idx = cast(int, module.layer_idx)
-    key_cache, value_cache = kv_cache[layer_idx, 0], kv_cache[layer_idx, 1]
-    q = query[0].transpose(0, 1)  # [num_tokens, num_heads, head_dim]
-    ops.store_kv(
-        key[0].transpose(0, 1), value[0].transpose(0, 1), key_cache, value_cache, slot_mapping
+    """Store this layer's K/V by the step's ``slot_mapping``, then paged attention for every
+    token. No host sync and no per-layer planning: both come from ``paged_metadata``."""
+    key_cache, value_cache = paged_metadata.layer_caches[cast(int, module.layer_idx)]
+    batch = paged_metadata.batch
+    ops.store_kv_planned(
+        key[0].transpose(0, 1), value[0].transpose(0, 1), key_cache, value_cache, batch
     )
+    q = query[0].transpose(0, 1)  # [num_tokens, num_heads, head_dim]
     scale = scaling if scaling is not None else q.shape[-1] ** -0.5
-    out = ops.paged_attention(
+    out = ops.paged_attention_planned(
         q,
         key_cache,
         value_cache,
-        block_tables,
-        seq_lens,
-        query_start_loc,
+        batch,
         scale,
         sliding_window=sliding_window,
         softcap=softcap,

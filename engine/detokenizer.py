@@ -7,6 +7,7 @@ characters, which might still turn out to begin a stop string.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 # Prompt tokens decoded before the output, so tokenizers that drop a leading space at the
@@ -14,11 +15,33 @@ from typing import Any
 _PROMPT_CONTEXT_TOKENS = 4
 
 
+def text_decoder(tokenizer: Any) -> Callable[[list[int]], str]:
+    """``tokenizer.decode(ids, skip_special_tokens=True)`` as a one-argument function.
+
+    Every generated token is decoded twice, so for a plain ``transformers`` fast tokenizer
+    (``decode`` not overridden, no clean-up) this calls its Rust backend directly, skipping the
+    wrapper's argument handling (measured 4.1 vs 1.5 us per call); the text is the same.
+    """
+    from transformers import PreTrainedTokenizerFast
+
+    backend: Any = getattr(tokenizer, "backend_tokenizer", None)  # the Rust tokenizer
+    plain = (
+        backend is not None
+        and type(tokenizer).decode is PreTrainedTokenizerFast.decode
+        and type(tokenizer)._decode is PreTrainedTokenizerFast._decode
+        and not getattr(tokenizer, "clean_up_tokenization_spaces", True)
+    )
+    if plain:
+        return lambda ids: backend.decode(ids, skip_special_tokens=True)
+    return lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
+
+
 class IncrementalDetokenizer:
     """Turns a growing list of token ids into text deltas (the approach of vLLM / TGI)."""
 
     def __init__(self, tokenizer: Any, prompt_token_ids: list[int]) -> None:
         self.tokenizer = tokenizer
+        self.decode = text_decoder(tokenizer)
         self.token_ids = list(prompt_token_ids[-_PROMPT_CONTEXT_TOKENS:])
         self.prefix_offset = 0
         self.read_offset = len(self.token_ids)
@@ -26,11 +49,8 @@ class IncrementalDetokenizer:
     def append(self, token_id: int) -> str:
         """Add one token; return the text it completes (possibly empty)."""
         self.token_ids.append(token_id)
-        decode = self.tokenizer.decode
-        prefix_text = decode(
-            self.token_ids[self.prefix_offset : self.read_offset], skip_special_tokens=True
-        )
-        full_text = decode(self.token_ids[self.prefix_offset :], skip_special_tokens=True)
+        prefix_text = self.decode(self.token_ids[self.prefix_offset : self.read_offset])
+        full_text = self.decode(self.token_ids[self.prefix_offset :])
         if len(full_text) <= len(prefix_text) or full_text.endswith("\ufffd"):
             return ""  # an incomplete UTF-8 sequence, or a token with no visible text
         self.prefix_offset = self.read_offset

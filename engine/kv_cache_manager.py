@@ -108,6 +108,8 @@ class KVCacheManager:
         )
         num_needed = -(-(num_computed + num_new_tokens) // self.block_size)
         num_new_blocks = max(0, num_needed - len(table) - len(computed_blocks))
+        if num_new_blocks == 0 and table:  # most decode steps: the last block has room
+            return True
         # Touching a free cached block takes it out of the free queue too.
         num_revived = sum(1 for block in computed_blocks if block.ref_cnt == 0)
         if num_new_blocks + num_revived > self.pool.num_free_blocks:

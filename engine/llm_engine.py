@@ -19,12 +19,13 @@ from engine.fingerprint import model_fingerprint
 from engine.kv_cache_manager import KVCacheManager
 from engine.kv_store import KVStore
 from engine.model_loader import LoadedModel
-from engine.model_runner import KV_LAYOUT, ModelRunner, SeqChunk, kv_shape_of
+from engine.model_runner import KV_LAYOUT, ModelRunner, kv_shape_of
 from engine.outputs import RequestOutput, TokenLogprob
 from engine.request import Request, RequestStatus
 from engine.sampler import SamplingRow, sample
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
+from engine.step_inputs import SeqChunk
 from kernels import ops
 
 

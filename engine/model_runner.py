@@ -2,27 +2,34 @@
 
 The KV pool is one tensor ``[num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]``
 (layout ``"LKBTHD"``): swapping a block to another tier moves index ``[:, :, block_id]``.
+
+A step's host work is kept small because on a GPU it, not the GPU, bounds decode speed: the
+batch is packed with numpy (``engine.step_inputs``), moved to the device in two copies (pinned,
+non-blocking on CUDA), and the attention metadata is planned once for all layers.
 """
 
 from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 
-from engine.attention import register_paged_attention
+from engine.attention import PagedAttentionMetadata, register_paged_attention
 from engine.model_loader import LoadedModel
+from engine.step_inputs import SeqChunk, pack_chunks
+from kernels import ops
 
 KV_LAYOUT = "LKBTHD"
 
 
-class SeqChunk(NamedTuple):
-    """The tokens of one sequence computed in this step."""
+class StepInputs(NamedTuple):
+    """One step's inputs on the device."""
 
-    token_ids: list[int]  # the new tokens
-    start_pos: int  # absolute position of token_ids[0] (= tokens already in the pool)
-    block_ids: list[int]  # the sequence's block table (covers start_pos + len(token_ids))
-    needs_logits: bool  # True when the last new token's next-token logits are wanted
+    input_ids: torch.Tensor  # [1, num_tokens] int64
+    position_ids: torch.Tensor  # [1, num_tokens] int64
+    logits_indices: torch.Tensor | None  # [num_wanted] int64; None: every token is wanted
+    metadata: PagedAttentionMetadata
 
 
 class KVShape(NamedTuple):
@@ -54,6 +61,7 @@ class ModelRunner:
         self.device = loaded.device
         self.block_size = block_size
         self.kv_shape = kv_shape_of(self.model.config)
+        self.num_heads = _num_attention_heads(self.model.config)
         self.kv_cache = torch.zeros(
             (
                 self.kv_shape.num_layers,
@@ -66,54 +74,68 @@ class ModelRunner:
             dtype=loaded.dtype,
             device=self.device,
         )
+        # Per-layer (key, value) cache views, made once instead of in every layer's call.
+        self.layer_caches = [(layer[0], layer[1]) for layer in self.kv_cache]
         self.decoder = self.model.get_decoder()
         self.lm_head = self.model.get_output_embeddings()
 
     @torch.inference_mode()
     def execute(self, chunks: list[SeqChunk]) -> torch.Tensor:
         """Compute K/V for every chunk's tokens; return float32 logits ``[num_wanted, vocab]``
-        for the chunks with ``needs_logits``, in chunk order."""
-        metadata, input_ids, position_ids = self._prepare(chunks)
+        for the chunks with ``needs_logits``, in chunk order. Does not wait for the device."""
+        inputs = self._prepare(chunks)
         hidden = self.decoder(
-            input_ids=input_ids, position_ids=position_ids, use_cache=False, **metadata
+            input_ids=inputs.input_ids,
+            position_ids=inputs.position_ids,
+            use_cache=False,
+            paged_metadata=inputs.metadata,
         ).last_hidden_state[0]  # [num_tokens, hidden_size]
-        ends = metadata["query_start_loc"][1:] - 1
-        wanted = torch.tensor([c.needs_logits for c in chunks], device=self.device)
-        return self.lm_head(hidden[ends[wanted].long()]).float()
+        if inputs.logits_indices is not None:
+            hidden = hidden.index_select(0, inputs.logits_indices)
+        return self.lm_head(hidden).float()
 
-    def _prepare(
-        self, chunks: list[SeqChunk]
-    ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
-        device, block_size = self.device, self.block_size
-        num_seqs = len(chunks)
-        q_lens = [len(c.token_ids) for c in chunks]
-        max_blocks = max(len(c.block_ids) for c in chunks)
-        block_tables = torch.zeros((num_seqs, max_blocks), dtype=torch.int32)
-        for seq_idx, chunk in enumerate(chunks):
-            block_tables[seq_idx, : len(chunk.block_ids)] = torch.tensor(chunk.block_ids)
-        positions = torch.cat(
-            [
-                torch.arange(c.start_pos, c.start_pos + n)
-                for c, n in zip(chunks, q_lens, strict=True)
-            ]
+    def _prepare(self, chunks: list[SeqChunk]) -> StepInputs:
+        """Pack the chunks on the host, copy them over, plan attention for all layers."""
+        host = pack_chunks(chunks, self.block_size)
+        num_tokens, num_seqs = host.num_tokens, len(chunks)
+        longs = self._upload(
+            np.concatenate([host.input_ids, host.positions, host.slot_mapping, host.logits_indices])
         )
-        seq_of_token = torch.repeat_interleave(torch.arange(num_seqs), torch.tensor(q_lens))
-        slot_mapping = (
-            block_tables[seq_of_token, positions // block_size].long() * block_size
-            + positions % block_size
+        ints = self._upload(
+            np.concatenate([host.query_start_loc, host.seq_lens, host.block_tables.ravel()])
         )
-        query_start_loc = torch.zeros(num_seqs + 1, dtype=torch.int32)
-        query_start_loc[1:] = torch.cumsum(torch.tensor(q_lens), 0)
-        seq_lens = torch.tensor(
-            [c.start_pos + n for c, n in zip(chunks, q_lens, strict=True)], dtype=torch.int32
+        slot_mapping = longs[2 * num_tokens : 3 * num_tokens]
+        block_tables = ints[2 * num_seqs + 1 :].view(num_seqs, -1)
+        seq_lens = ints[num_seqs + 1 : 2 * num_seqs + 1]
+        query_start_loc = ints[: num_seqs + 1]
+        batch = ops.plan_attention(
+            self.num_heads,
+            self.layer_caches[0][0],
+            slot_mapping,
+            block_tables,
+            seq_lens,
+            query_start_loc,
         )
-        token_ids = [t for c in chunks for t in c.token_ids]
-        metadata = {
-            "kv_cache": self.kv_cache,
-            "slot_mapping": slot_mapping.to(device),
-            "block_tables": block_tables.to(device),
-            "seq_lens": seq_lens.to(device),
-            "query_start_loc": query_start_loc.to(device),
-        }
-        input_ids = torch.tensor([token_ids], device=device)
-        return metadata, input_ids, positions.unsqueeze(0).to(device)
+        all_wanted = host.logits_indices.shape[0] == num_tokens  # e.g. a decode-only step
+        return StepInputs(
+            input_ids=longs[:num_tokens].unsqueeze(0),
+            position_ids=longs[num_tokens : 2 * num_tokens].unsqueeze(0),
+            logits_indices=None if all_wanted else longs[3 * num_tokens :],
+            metadata=PagedAttentionMetadata(self.layer_caches, batch),
+        )
+
+    def _upload(self, array: np.ndarray) -> torch.Tensor:
+        """A host array on the model's device: one pinned, non-blocking copy on CUDA.
+
+        The pinned staging memory comes from torch's caching host allocator, which does not
+        hand it out again before the copy has finished.
+        """
+        tensor = torch.from_numpy(array)
+        if self.device.type != "cuda":
+            return tensor
+        return tensor.pin_memory().to(self.device, non_blocking=True)
+
+
+def _num_attention_heads(config: Any) -> int:
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return int(config.num_attention_heads)

@@ -7,7 +7,7 @@ Rows are independent: each has its own ``SamplingParams`` and, for seeded reques
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import torch
 
@@ -27,14 +27,33 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> list[tuple[int, Tok
 
     Log-probabilities (when requested) are those of the raw logits, before logits processors,
     bans, temperature and filters, like vLLM's default.
+
+    Greedy rows without processors or bans (the common case) take one batched argmax and one
+    device-to-host copy for all of them; every other row is sampled on its own.
     """
-    results: list[tuple[int, TokenLogprob | None]] = []
+    token_ids = _plain_greedy_tokens(logits, rows)
     for row_idx, row in enumerate(rows):
-        raw = logits[row_idx]
-        token_id = _pick(_constrain(raw, row), row)
-        logprob = _logprob(raw, token_id, row.params.logprobs)
-        results.append((token_id, logprob))
-    return results
+        if token_ids[row_idx] is None:
+            token_ids[row_idx] = _pick(_constrain(logits[row_idx], row), row)
+    picked = cast(list[int], token_ids)
+    return list(zip(picked, _logprobs(logits, picked, rows), strict=True))
+
+
+def _is_plain_greedy(row: SamplingRow) -> bool:
+    """Greedy on the raw logits: no processor or ban can change the argmax."""
+    return row.params.is_greedy and not row.params.logits_processors and not row.banned_token_ids
+
+
+def _plain_greedy_tokens(logits: torch.Tensor, rows: list[SamplingRow]) -> list[int | None]:
+    """The argmax of each plain-greedy row (one argmax over the batch, one host copy); None for
+    the other rows."""
+    plain = [_is_plain_greedy(row) for row in rows]
+    if not any(plain):
+        return [None] * len(rows)
+    argmax = torch.argmax(logits, dim=-1).tolist()
+    return [
+        token_id if is_plain else None for token_id, is_plain in zip(argmax, plain, strict=True)
+    ]
 
 
 def _constrain(raw: torch.Tensor, row: SamplingRow) -> torch.Tensor:
@@ -74,12 +93,42 @@ def _top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     return torch.zeros_like(probs).scatter_(0, sorted_idx, sorted_probs)
 
 
-def _logprob(raw: torch.Tensor, token_id: int, num_top: int | None) -> TokenLogprob | None:
-    if num_top is None:
-        return None
-    logprobs = torch.log_softmax(raw, dim=-1)
-    top: list[tuple[int, float]] = []
-    if num_top > 0:
-        values, indices = torch.topk(logprobs, num_top)
-        top = list(zip(indices.tolist(), values.tolist(), strict=True))
-    return TokenLogprob(token_id=token_id, logprob=float(logprobs[token_id]), top=top)
+def _logprobs(
+    logits: torch.Tensor, token_ids: list[int], rows: list[SamplingRow]
+) -> list[TokenLogprob | None]:
+    """Raw log-probabilities of the picked tokens and the top alternatives, for the rows that
+    asked for them: one log-softmax over those rows and one top-k per distinct count."""
+    wanted = [row_idx for row_idx, row in enumerate(rows) if row.params.logprobs is not None]
+    results: list[TokenLogprob | None] = [None] * len(rows)
+    if not wanted:
+        return results
+    logprobs = torch.log_softmax(_select_rows(logits, wanted), dim=-1)  # [num_wanted, vocab]
+    picked = torch.tensor([token_ids[row_idx] for row_idx in wanted], device=logits.device)
+    chosen = logprobs.gather(1, picked.unsqueeze(1)).squeeze(1).tolist()
+    tops = _top_logprobs(logprobs, [cast(int, rows[row_idx].params.logprobs) for row_idx in wanted])
+    for pos, row_idx in enumerate(wanted):
+        results[row_idx] = TokenLogprob(
+            token_id=token_ids[row_idx], logprob=chosen[pos], top=tops[pos]
+        )
+    return results
+
+
+def _top_logprobs(
+    logprobs: torch.Tensor,  # [num_rows, vocab]
+    num_top: list[int],  # per row, >= 0
+) -> list[list[tuple[int, float]]]:
+    """The ``num_top[i]`` most likely (token id, logprob) of each row, most likely first."""
+    tops: list[list[tuple[int, float]]] = [[] for _ in num_top]
+    for k in sorted(set(num_top) - {0}):
+        rows = [pos for pos, n in enumerate(num_top) if n == k]
+        values, indices = torch.topk(_select_rows(logprobs, rows), k)
+        for pos, ids, vals in zip(rows, indices.tolist(), values.tolist(), strict=True):
+            tops[pos] = list(zip(ids, vals, strict=True))
+    return tops
+
+
+def _select_rows(tensor: torch.Tensor, row_indices: list[int]) -> torch.Tensor:
+    """``tensor[row_indices]`` (increasing indices); the tensor itself when that is all rows."""
+    if len(row_indices) == tensor.shape[0]:
+        return tensor
+    return tensor.index_select(0, torch.tensor(row_indices, device=tensor.device))

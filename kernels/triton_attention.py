@@ -20,6 +20,7 @@ Paged attention, one kernel family for decode, prefill and prefill over a cached
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -30,6 +31,10 @@ TILE_N = 64  # keys per inner-loop step of the attention kernel
 DECODE_BLOCK_M = 16  # query rows per tile for decode batches and float32
 PREFILL_BLOCK_M = 64  # query rows per tile otherwise
 MAX_SPLITS = 64  # upper bound on the split-KV factor chosen by the heuristic
+# Key tiles each split gets at least. Short contexts are not split: their attention takes a few
+# microseconds of GPU time either way, while a split costs a second launch (the merge) per
+# layer, and small decode batches are bound by the host's launch rate, not by the GPU.
+MIN_TILES_PER_SPLIT = 4
 
 
 # --------------------------------------------------------------------------------------------
@@ -86,12 +91,31 @@ def store_kv(
     assert key.shape == value.shape == (num_tokens, num_kv_heads, head_dim), "key/value shape"
     assert key.dtype in SUPPORTED_DTYPES and value.dtype in SUPPORTED_DTYPES, "key/value dtype"
     assert key.stride(2) == 1 and value.stride(2) == 1, "key/value last dim must be contiguous"
+    check_slot_mapping(slot_mapping, num_tokens)
+    _check_same_device(key, value, key_cache, value_cache, slot_mapping)
+    launch_store_kv(key, value, key_cache, value_cache, slot_mapping)
+
+
+def check_slot_mapping(slot_mapping: torch.Tensor, num_tokens: int) -> None:
+    """Shape, dtype and layout preconditions of ``slot_mapping`` (no device sync)."""
     assert slot_mapping.shape == (num_tokens,), "slot_mapping must be [num_tokens]"
     assert slot_mapping.dtype == torch.int64, "slot_mapping must be int64"
     assert slot_mapping.is_contiguous(), "slot_mapping must be contiguous"
-    _check_same_device(key, value, key_cache, value_cache, slot_mapping)
+
+
+def launch_store_kv(
+    key: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim], last dim contiguous
+    value: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim], last dim contiguous
+    key_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim], contiguous
+    value_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim], contiguous
+    slot_mapping: torch.Tensor,  # [num_tokens] int64, contiguous, -1 = skip
+) -> None:
+    """``store_kv`` without its checks: the launch alone, for callers that checked the
+    arguments once per batch (the engine's per-layer path)."""
+    num_tokens = key.shape[0]
     if num_tokens == 0:
         return
+    num_kv_heads, head_dim = key_cache.shape[2], key_cache.shape[3]
     _store_kv_kernel[(num_tokens,)](
         key,
         value,
@@ -342,7 +366,6 @@ def paged_attention(
 
     Picks the split-KV factor from the batch shape and the device's SM count (no device sync).
     """
-    num_splits = choose_num_splits(query, key_cache, block_tables)
     return launch_paged_attention(
         query,
         key_cache,
@@ -353,7 +376,7 @@ def paged_attention(
         scale,
         sliding_window=sliding_window,
         softcap=softcap,
-        num_splits=num_splits,
+        num_splits=None,
     )
 
 
@@ -367,42 +390,140 @@ def launch_paged_attention(
     scale: float,
     sliding_window: int | None = None,
     softcap: float | None = None,
-    num_splits: int = 1,
+    num_splits: int | None = 1,
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
-    """``paged_attention`` with an explicit split-KV factor (``num_splits >= 1``).
+    """``paged_attention`` with an explicit split-KV factor (``None``: the heuristic's).
 
     The caches and index tensors must be contiguous; ``query`` may be a strided view with a
     contiguous last dim. The output is a new contiguous tensor.
     """
     _check_attention_args(query, key_cache, value_cache, block_tables, seq_lens, query_start_loc)
     assert sliding_window is None or sliding_window > 0, "sliding_window must be positive"
-    assert num_splits >= 1, "num_splits must be >= 1"
-    num_tokens, num_heads, head_dim = query.shape
-    num_kv_heads = key_cache.shape[2]
-    num_seqs = seq_lens.shape[0]
-    group = num_heads // num_kv_heads
-    out = torch.empty(query.shape, dtype=query.dtype, device=query.device)  # contiguous
-    if num_tokens == 0 or num_seqs == 0:
-        return out
+    plan = plan_paged_attention(
+        query.shape[0],
+        query.shape[1],
+        key_cache,
+        block_tables,
+        seq_lens,
+        query_start_loc,
+        num_splits,
+    )
+    return run_paged_attention(
+        query,
+        key_cache,
+        value_cache,
+        block_tables,
+        seq_lens,
+        query_start_loc,
+        scale,
+        plan,
+        sliding_window=sliding_window,
+        softcap=softcap,
+    )
 
-    block_m = _block_m(group, decode_only=num_tokens <= num_seqs, dtype=query.dtype)
-    block_q = block_m // group
-    num_q_tiles = num_tokens // block_q + num_seqs  # upper bound; surplus programs exit early
-    if num_splits > 1:
-        partial_out = query.new_empty(
-            (num_splits, num_tokens, num_heads, head_dim), dtype=torch.float32
+
+@dataclass(frozen=True, slots=True)
+class AttentionPlan:
+    """Launch parameters of one batch's paged attention, shared by all layers of a step.
+
+    Made from shapes alone (no device sync). The split-KV scratch tensors are reused by every
+    launch that takes this plan: launches on one stream run in order, so one layer's merge has
+    read them before the next layer's attention overwrites them. Use a plan on one stream only.
+    """
+
+    num_tokens: int
+    num_heads: int
+    head_dim: int
+    dtype: torch.dtype
+    num_splits: int  # programs sharing one query tile's key range (1: no split)
+    block_m: int  # rows per query tile
+    block_q: int  # tokens per query tile
+    num_q_tiles: int  # grid size along the query axis (an upper bound)
+    partial_out: torch.Tensor  # [num_splits, num_tokens, num_heads, head_dim] f32 ([1] unsplit)
+    partial_max: torch.Tensor  # [num_splits, num_tokens, num_heads] f32 ([1] unsplit)
+    partial_sum: torch.Tensor  # [num_splits, num_tokens, num_heads] f32 ([1] unsplit)
+
+
+def plan_paged_attention(
+    num_tokens: int,
+    num_heads: int,
+    key_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    block_tables: torch.Tensor,  # [num_seqs, max_blocks_per_seq] int32
+    seq_lens: torch.Tensor,  # [num_seqs] int32
+    query_start_loc: torch.Tensor,  # [num_seqs + 1] int32
+    num_splits: int | None = None,
+) -> AttentionPlan:
+    """Check the index tensors and the cache, pick tile sizes and the split-KV factor
+    (``None``: ``choose_num_splits``'s) and allocate the split-KV scratch tensors.
+
+    The query is ``[num_tokens, num_heads, head_dim]`` of the cache's dtype. No device sync.
+    """
+    _check_cache(key_cache, key_cache)
+    _check_index_tensors(block_tables, seq_lens, query_start_loc, key_cache.device)
+    _, block_size, num_kv_heads, head_dim = key_cache.shape
+    num_seqs, max_blocks = block_tables.shape
+    assert head_dim >= 16 and head_dim & (head_dim - 1) == 0, "head_dim must be a power of two"
+    assert num_heads % num_kv_heads == 0, "num_heads must be a multiple of num_kv_heads"
+    if num_splits is None:
+        num_splits = _num_splits(
+            num_tokens, num_seqs, max_blocks, num_kv_heads, block_size, key_cache.device
         )
-        partial_max = query.new_empty((num_splits, num_tokens, num_heads), dtype=torch.float32)
+    assert num_splits >= 1, "num_splits must be >= 1"
+    group = num_heads // num_kv_heads
+    block_m = _block_m(group, decode_only=num_tokens <= num_seqs, dtype=key_cache.dtype)
+    block_q = block_m // group
+    device = key_cache.device
+    if num_splits > 1:
+        partial_out = torch.empty(
+            (num_splits, num_tokens, num_heads, head_dim), dtype=torch.float32, device=device
+        )
+        partial_max = torch.empty(partial_out.shape[:3], dtype=torch.float32, device=device)
         partial_sum = torch.empty_like(partial_max)
     else:  # unused by the kernel; any float32 tensor will do
-        partial_out = partial_max = partial_sum = query.new_empty((1,), dtype=torch.float32)
-    softcap_value = float(softcap) if softcap is not None and softcap > 0 else 0.0
+        partial_out = partial_max = partial_sum = torch.empty(1, dtype=torch.float32, device=device)
+    return AttentionPlan(
+        num_tokens=num_tokens,
+        num_heads=num_heads,
+        head_dim=head_dim,
+        dtype=key_cache.dtype,
+        num_splits=num_splits,
+        block_m=block_m,
+        block_q=block_q,
+        num_q_tiles=num_tokens // block_q + num_seqs,  # surplus programs exit early
+        partial_out=partial_out,
+        partial_max=partial_max,
+        partial_sum=partial_sum,
+    )
 
-    _paged_attention_kernel[(num_q_tiles, num_kv_heads, num_splits)](
+
+def run_paged_attention(
+    query: torch.Tensor,  # [num_tokens, num_heads, head_dim], last dim contiguous
+    key_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim], contiguous
+    value_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim], contiguous
+    block_tables: torch.Tensor,  # [num_seqs, max_blocks_per_seq] int32
+    seq_lens: torch.Tensor,  # [num_seqs] int32
+    query_start_loc: torch.Tensor,  # [num_seqs + 1] int32
+    scale: float,
+    plan: AttentionPlan,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:  # [num_tokens, num_heads, head_dim], contiguous
+    """Launch paged attention by ``plan`` (made by ``plan_paged_attention`` from the same index
+    tensors and a cache of the same shape). Only the query is checked, against the plan; this
+    is the per-layer path, so it does no other work than the launches."""
+    assert query.shape == (plan.num_tokens, plan.num_heads, plan.head_dim), "query shape"
+    assert query.dtype == plan.dtype and query.stride(2) == 1, "query dtype or layout"
+    out = torch.empty(query.shape, dtype=query.dtype, device=query.device)  # contiguous
+    num_seqs = seq_lens.shape[0]
+    if plan.num_tokens == 0 or num_seqs == 0:
+        return out
+    num_kv_heads = key_cache.shape[2]
+    softcap_value = float(softcap) if softcap is not None and softcap > 0 else 0.0
+    _paged_attention_kernel[(plan.num_q_tiles, num_kv_heads, plan.num_splits)](
         out,
-        partial_out,
-        partial_max,
-        partial_sum,
+        plan.partial_out,
+        plan.partial_max,
+        plan.partial_sum,
         query,
         key_cache,
         value_cache,
@@ -413,21 +534,21 @@ def launch_paged_attention(
         softcap_value if softcap_value > 0 else 1.0,
         int(sliding_window) if sliding_window is not None else 0,
         num_seqs,
-        num_tokens,
+        plan.num_tokens,
         query.stride(0),
         query.stride(1),
         key_cache.stride(0),
         key_cache.stride(1),
         key_cache.stride(2),
         block_tables.stride(0),
-        NUM_HEADS=num_heads,
-        GROUP=group,
-        HEAD_DIM=head_dim,
+        NUM_HEADS=plan.num_heads,
+        GROUP=plan.num_heads // num_kv_heads,
+        HEAD_DIM=plan.head_dim,
         BLOCK_SIZE=key_cache.shape[1],
-        BLOCK_M=block_m,
-        BLOCK_Q=block_q,
+        BLOCK_M=plan.block_m,
+        BLOCK_Q=plan.block_q,
         TILE_N=TILE_N,
-        NUM_SPLITS=num_splits,
+        NUM_SPLITS=plan.num_splits,
         USE_SOFTCAP=softcap_value > 0,
         USE_WINDOW=sliding_window is not None,
         UPCAST_DOT=query.dtype == torch.bfloat16 and query.device.type != "cuda",
@@ -435,17 +556,17 @@ def launch_paged_attention(
         # fp32 tiles take twice the shared memory: no software pipelining for them.
         num_stages=1 if query.dtype == torch.float32 else 2,
     )
-    if num_splits > 1:
-        _merge_splits_kernel[(num_tokens, num_heads)](
+    if plan.num_splits > 1:
+        _merge_splits_kernel[(plan.num_tokens, plan.num_heads)](
             out,
-            partial_out,
-            partial_max,
-            partial_sum,
-            num_tokens,
-            NUM_HEADS=num_heads,
-            HEAD_DIM=head_dim,
-            NUM_SPLITS=num_splits,
-            SPLITS_PAD=triton.next_power_of_2(num_splits),
+            plan.partial_out,
+            plan.partial_max,
+            plan.partial_sum,
+            plan.num_tokens,
+            NUM_HEADS=plan.num_heads,
+            HEAD_DIM=plan.head_dim,
+            NUM_SPLITS=plan.num_splits,
+            SPLITS_PAD=triton.next_power_of_2(plan.num_splits),
         )
     return out
 
@@ -458,19 +579,32 @@ def choose_num_splits(
     """Split-KV factor: enough programs to fill the device when there are few query tiles.
 
     Only shapes are used (no device sync): the key-length bound is the block table's width.
-    Batches with more tokens than sequences (prefill) are never split.
+    Batches with more tokens than sequences (prefill) are never split, nor key ranges shorter
+    than ``2 * MIN_TILES_PER_SPLIT`` tiles.
     """
-    num_tokens = query.shape[0]
     num_seqs, max_blocks = block_tables.shape
     num_kv_heads, block_size = key_cache.shape[2], key_cache.shape[1]
+    return _num_splits(query.shape[0], num_seqs, max_blocks, num_kv_heads, block_size, query.device)
+
+
+def _num_splits(
+    num_tokens: int,
+    num_seqs: int,
+    max_blocks: int,
+    num_kv_heads: int,
+    block_size: int,
+    device: torch.device,
+) -> int:
+    """``choose_num_splits`` from the sizes alone."""
     if num_tokens > num_seqs or num_seqs == 0:
         return 1
     programs = num_seqs * num_kv_heads
-    target = 4 * _num_sms(query.device)  # a few resident programs per SM hide load latency
+    target = 4 * _num_sms(device)  # a few resident programs per SM hide load latency
     if programs >= target:
         return 1
     max_tiles = triton.cdiv(max_blocks * block_size, TILE_N)
-    return max(1, min(triton.cdiv(target, programs), max_tiles, MAX_SPLITS))
+    max_splits = min(max_tiles // MIN_TILES_PER_SPLIT, MAX_SPLITS)
+    return max(1, min(triton.cdiv(target, programs), max_splits))
 
 
 def _block_m(group: int, decode_only: bool, dtype: torch.dtype) -> int:
@@ -528,6 +662,17 @@ def _check_attention_args(
     assert key_cache.shape[3] == head_dim, "query and cache head_dim differ"
     assert head_dim >= 16 and head_dim & (head_dim - 1) == 0, "head_dim must be a power of two"
     assert num_heads % num_kv_heads == 0, "num_heads must be a multiple of num_kv_heads"
+    _check_index_tensors(block_tables, seq_lens, query_start_loc, query.device)
+    _check_same_device(query, key_cache, value_cache)
+
+
+def _check_index_tensors(
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    device: torch.device,
+) -> None:
+    """Shapes, dtypes, layout and device of the batch's index tensors."""
     num_seqs = seq_lens.shape[0]
     assert block_tables.dim() == 2 and block_tables.shape[0] == num_seqs, "block_tables shape"
     assert seq_lens.dim() == 1, "seq_lens must be [num_seqs]"
@@ -539,4 +684,4 @@ def _check_attention_args(
     ):
         assert t.dtype == torch.int32, f"{name} must be int32"
         assert t.is_contiguous(), f"{name} must be contiguous"
-    _check_same_device(query, key_cache, value_cache, block_tables, seq_lens, query_start_loc)
+        assert t.device == device, f"{name} is on {t.device}, not {device}"

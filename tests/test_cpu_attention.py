@@ -10,7 +10,9 @@ from kernels.reference import paged_attention_ref
 
 CASES = [  # (query_len, kv_len) per sequence of one batch
     [(1, 1328), (5, 18), (129, 463), (1, 1)],
-    [(1, 40), (1, 17), (1, 3)],
+    [(1, 40), (1, 17), (1, 3)],  # decode rows in three length groups
+    [(1, 40), (1, 33), (1, 21), (0, 9)],  # decode only, one group (its output is the output)
+    [(1, 1500), (1, 1490), (1, 1510), (1, 1400)],  # groups split by MAX_GROUP_KEYS
     [(64, 64), (7, 7)],
 ]
 

@@ -390,3 +390,54 @@ def test_ops_dispatches_by_device(monkeypatch: pytest.MonkeyPatch) -> None:
     _run_all_ops(DEVICE)
     expected_calls = 1 if DEVICE.type == "cuda" else 0
     assert {name: spy.calls for name, spy in spies.items()} == dict.fromkeys(spies, expected_calls)
+
+
+# ---------------------------------------------------------------------------------------------
+# planned per-layer calls (the engine's path)
+# ---------------------------------------------------------------------------------------------
+
+PLANNED_PATHS = ["torch", "triton"] if DEVICE.type == "cpu" else ["triton"]
+
+
+@pytest.mark.parametrize("path", PLANNED_PATHS)
+@pytest.mark.parametrize(
+    ("cases", "num_kv_heads"),
+    [([(3, 20), (1, 9), (1, 40)], 2), ([(1, 600), (1, 530)], 1)],  # mixed; split-KV decode
+    ids=["mixed", "split"],
+)
+def test_planned_layers_match_the_references(
+    monkeypatch: pytest.MonkeyPatch, path: str, cases: list[tuple[int, int]], num_kv_heads: int
+) -> None:
+    """One plan serves several layers (its split-KV scratch included): each layer's planned
+    store_kv + paged attention equals the references. On a CPU-only machine the Triton path
+    runs in the interpreter."""
+    if path == "triton":
+        monkeypatch.setattr(ops, "_use_triton", lambda tensor: True)
+    batch = Batch(cases, 4, num_kv_heads, 64, 16, torch.float32, seed=14)
+    _, key_cache, value_cache, block_tables, seq_lens, query_start_loc, scale = batch.args()
+    block_size = key_cache.shape[1]
+    slots = []  # the new tokens are each sequence's last q_len positions
+    for seq_idx, (q_len, kv_len) in enumerate(cases):
+        for pos in range(kv_len - q_len, kv_len):
+            block_id = int(block_tables[seq_idx, pos // block_size])
+            slots.append(block_id * block_size + pos % block_size)
+    slot_mapping = torch.tensor(slots, device=DEVICE)
+    plan = ops.plan_attention(4, key_cache, slot_mapping, block_tables, seq_lens, query_start_loc)
+    assert (plan.triton_plan is not None) == (path == "triton")
+    if path == "triton" and DEVICE.type == "cpu" and num_kv_heads == 1:
+        assert plan.triton_plan is not None and plan.triton_plan.num_splits > 1
+    gen = torch.Generator().manual_seed(15)
+    for _layer in range(2):
+        caches = (key_cache.clone(), value_cache.clone())
+        expected = (key_cache.clone(), value_cache.clone())
+        shape = (len(slots), num_kv_heads, 64)
+        key, value = (torch.randn(shape, generator=gen).to(DEVICE) for _ in range(2))
+        query = torch.randn(len(slots), 4, 64, generator=gen).to(DEVICE)
+        ops.store_kv_planned(key, value, *caches, plan)
+        out = ops.paged_attention_planned(query, *caches, plan, scale)
+        reference.store_kv_ref(key, value, *expected, slot_mapping)
+        ref = reference.paged_attention_ref(
+            query, *expected, block_tables, seq_lens, query_start_loc, scale
+        )
+        torch.testing.assert_close(caches, expected, atol=0, rtol=0, equal_nan=True)
+        torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-5)

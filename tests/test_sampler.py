@@ -53,6 +53,28 @@ def test_banned_tokens_are_never_picked_but_logprobs_stay_raw():
     assert logprob.top[0][0] == 0
 
 
+def test_a_batch_samples_each_row_as_if_alone():
+    """Batched greedy argmax and logprobs give every row what sampling it alone gives."""
+    logits = torch.randn(6, 300, generator=torch.Generator().manual_seed(1))
+    seeds = {2: 5, 5: 6}  # row index -> seed of its generator
+    rows = [
+        _row(temperature=0.0),
+        _row(temperature=0.0, logprobs=3),
+        _row(temperature=0.8, seed=seeds[2], logprobs=0),
+        SamplingRow(SamplingParams(temperature=0.0, logprobs=2), None, [int(logits[3].argmax())]),
+        _row(temperature=0.0, logprobs=3),
+        _row(temperature=0.5, top_k=5, seed=seeds[5]),
+    ]
+    batched = sample(logits, rows)
+    for row_idx, row in enumerate(rows):
+        if row_idx in seeds:  # a fresh generator with the same seed replays the draw
+            row = row._replace(generator=torch.Generator().manual_seed(seeds[row_idx]))
+        assert batched[row_idx] == sample(logits[row_idx : row_idx + 1], [row])[0]
+    assert batched[0][0] == int(logits[0].argmax()) and batched[0][1] is None
+    assert batched[3][0] != int(logits[3].argmax())  # banned
+    assert [len(lp.top) for lp in (batched[1][1], batched[2][1], batched[3][1])] == [3, 0, 2]
+
+
 def test_stop_string_is_cut_exactly_across_deltas():
     text = TextOutput(stop=["STOP", "\n\n"], include_stop_str=False)
     released = "".join(text.add(delta) for delta in ["Hello wo", "rld S", "TO", "P and more"])
