@@ -53,7 +53,8 @@ async def metrics(request: Request) -> Response:
 
 async def api_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, APIError)
-    return JSONResponse(exc.body(), status_code=exc.status)
+    headers = {"Location": exc.location} if exc.location else None
+    return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
 
 
 def build_app(state: ServerState) -> Starlette:

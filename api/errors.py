@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from starlette.requests import Request
+
+from sessions.errors import SessionMovedError
+
 
 class APIError(Exception):
     """An error the client caused (or must be told about); nothing was changed by the call."""
@@ -14,12 +18,14 @@ class APIError(Exception):
         code: str = "invalid_request",
         status: int = 400,
         param: str | None = None,
+        location: str | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
         self.code = code
         self.status = status
         self.param = param
+        self.location = location  # the Location header of a redirect (status 307)
 
     def body(self) -> dict[str, Any]:
         kind = "invalid_request_error" if self.status < 500 else "server_error"
@@ -28,3 +34,14 @@ class APIError(Exception):
         return {
             "error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}
         }
+
+
+def session_moved(exc: SessionMovedError, request: Request) -> APIError:
+    """``307`` to the same path and query on the owner instance, or ``409`` when the owner's
+    URL is unknown (Redis unavailable, or it died and nobody took the session yet)."""
+    if exc.owner_url is None:
+        return APIError(str(exc), code=exc.code, status=409)
+    location = exc.owner_url.rstrip("/") + request.url.path
+    if request.url.query:
+        location += f"?{request.url.query}"
+    return APIError(str(exc), code=exc.code, status=307, location=location)

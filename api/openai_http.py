@@ -11,14 +11,14 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from api.errors import APIError
+from api.errors import APIError, session_moved
 from api.openai_params import sampling_from_openai
 from api.state import ServerState
 from api.tool_runtime import normalize_tools
 from engine.errors import InvalidRequestError
 from engine.outputs import RequestOutput, TokenLogprob
 from engine.sampling_params import SamplingParams
-from sessions.errors import InvalidSessionInputError, SessionError
+from sessions.errors import InvalidSessionInputError, SessionError, SessionMovedError
 from tools.render import apply_chat_template_with_tools
 from tools.streaming_parser import StreamingToolParser
 from tools.tool_call import TextDelta, ToolCall, ToolCallDone
@@ -192,7 +192,10 @@ async def chat_completions(request: Request) -> Response:
     parser = state.tools.parser() if tools and tool_choice != "none" else None
     session_id = request.headers.get(SESSION_HEADER)
     if session_id:
-        source = _session_source(state, owner, session_id, body, tools, params, parser)
+        try:
+            source = _session_source(state, owner, session_id, body, tools, params, parser)
+        except SessionMovedError as exc:
+            raise session_moved(exc, request) from exc
     else:
         source = state.runner.generate(engine.tokenize(text), params, cache_salt=owner)
     completion = Completion(state.model_name, "chat")
@@ -242,6 +245,8 @@ def _session_source(
         if tools:
             session.tools = tools
         state.sessions.append(session, chat_messages(body))
+    except SessionMovedError:
+        raise  # the caller answers 307 to the owner
     except SessionError as exc:
         status = 409 if exc.code == "conversation_already_has_active_response" else 404
         if isinstance(exc, InvalidSessionInputError):

@@ -101,6 +101,14 @@ def test_failover_to_another_instance_restores_kv_from_redis(
             moved = httpx.request(method, f"{b.url}/v1/sessions/{info['id']}", headers=auth)
             assert moved.status_code == 307
             assert moved.headers["location"] == f"{a.url}/v1/sessions/{info['id']}"
+            assert moved.json()["error"]["code"] == "session_moved"
+        moved = httpx.post(  # chat bound to the session: 307 keeps the method and the body
+            f"{b.url}/v1/chat/completions",
+            headers={**auth, "X-Tarry-Session-Id": info["id"]},
+            json={"model": "tarry", "messages": [{"role": "user", "content": "hi"}]},
+        )
+        assert moved.status_code == 307
+        assert moved.headers["location"] == f"{a.url}/v1/chat/completions"
 
         a.kill()  # mid-session, after the turn: no clean shutdown, the lease just stops renewing
         with contextlib.suppress(Exception):
