@@ -38,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--redis-cluster",
         action="store_true",
-        help="--redis-url names a node of a Redis Cluster (the others are discovered)",
+        help="--redis-url names nodes of a Redis Cluster (comma-separated seeds; the others "
+        "are discovered)",
     )
     serve.add_argument(
         "--api-key",
@@ -134,7 +135,9 @@ def _serve(args: argparse.Namespace) -> int:
     if not is_loopback(args.host) and not args.api_key:
         raise ValueError(f"--api-key is required to listen on the non-loopback host {args.host}")
     if args.redis_cluster and not args.redis_url:
-        raise ValueError("--redis-cluster needs --redis-url (any node of the cluster)")
+        raise ValueError("--redis-cluster needs --redis-url (one or more nodes of the cluster)")
+    if args.redis_url and "," in args.redis_url and not args.redis_cluster:
+        raise ValueError("several --redis-url nodes name a Redis Cluster: add --redis-cluster")
     engine = engine_from_args(args)
     options = ServeOptions(
         host=args.host,

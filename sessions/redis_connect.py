@@ -1,5 +1,9 @@
 """Clients for the session records and ownership keys: one Redis, or a Redis Cluster.
 
+A cluster is named by one or more comma-separated node URLs (``redis://h1:7000,redis://h2:7000``):
+the seeds it is discovered from, so one seed being down does not keep an instance from it.
+Credentials and TLS come from the first URL.
+
 ``connect_redis`` returns an object with redis-py's command methods (``get``, ``set``,
 ``eval``, ...). For a cluster it is a ``LazyRedisCluster``: redis-py's ``RedisCluster`` asks a
 node for the slot map when it is built, so building one while the cluster is down would fail
@@ -16,13 +20,34 @@ from typing import Any
 
 import redis
 from redis.backoff import NoBackoff
-from redis.cluster import RedisCluster
+from redis.cluster import ClusterNode, RedisCluster
+from redis.connection import parse_url
 from redis.exceptions import RedisClusterException
 from redis.retry import Retry
 
 
+def cluster_seed_urls(urls: str) -> list[str]:
+    """The node URLs of a comma-separated list; ValueError if there is none."""
+    seeds = [url.strip() for url in urls.split(",") if url.strip()]
+    if not seeds:
+        raise ValueError(f"no Redis Cluster node URL in {urls!r}")
+    return seeds
+
+
+def build_cluster_client(urls: str, **options: Any) -> RedisCluster:
+    """A ``RedisCluster`` discovered from the nodes of ``urls`` (comma-separated; options such
+    as credentials from the first). Raises like ``RedisCluster`` while no seed answers."""
+    first, *others = cluster_seed_urls(urls)
+    seeds = []
+    for url in others:
+        parsed = parse_url(url)
+        seeds.append(ClusterNode(parsed["host"], parsed.get("port", 6379)))
+    return RedisCluster(url=first, startup_nodes=seeds, **options)
+
+
 class LazyRedisCluster:
-    """A ``RedisCluster`` for ``url`` (any node of the cluster), built on first use.
+    """A ``RedisCluster`` for ``url`` (one or more comma-separated node URLs), built on first
+    use.
 
     Attribute access is forwarded to the built client, so it is used exactly like one; while
     no node answers, every command raises ``redis.ConnectionError``.
@@ -39,7 +64,7 @@ class LazyRedisCluster:
         with self._lock:
             if self._client is None:
                 try:
-                    self._client = RedisCluster.from_url(self.url, **self.options)
+                    self._client = build_cluster_client(self.url, **self.options)
                 except (RedisClusterException, redis.RedisError, OSError) as exc:
                     raise redis.ConnectionError(f"Redis Cluster at {self.url}: {exc}") from exc
             return self._client
@@ -56,8 +81,8 @@ def connect_redis(
     connect_timeout_s: float = 1.0,
 ) -> redis.Redis | LazyRedisCluster:
     """A client for ``url``: ``redis.Redis``, or with ``cluster`` a ``LazyRedisCluster``
-    whose URL names any node of the cluster. Connects lazily in both cases: no Redis needs to
-    answer yet. Replies are bytes.
+    whose URL names one or more nodes of the cluster (comma-separated). Connects lazily in
+    both cases: no Redis needs to answer yet. Replies are bytes.
 
     A failing command is retried once, at once (a pooled connection may have died with a
     restarted Redis), then raises: redis-py's default of 10 retries with back-off would hold
@@ -71,4 +96,6 @@ def connect_redis(
     }
     if cluster:
         return LazyRedisCluster(url, **options)
+    if "," in url:
+        raise ValueError("several Redis URLs name the nodes of a Redis Cluster: add cluster=True")
     return redis.Redis.from_url(url, **options)

@@ -17,6 +17,7 @@ from redis.exceptions import AskError, ClusterError, TryAgainError
 from redis.retry import Retry
 
 from sessions.kv_tier_base import logger
+from sessions.redis_connect import build_cluster_client, cluster_seed_urls
 
 Packed = list[bytes | memoryview]  # one RESP command, big arguments left uncopied
 
@@ -73,9 +74,10 @@ def make_cluster_client_factory(
 
     Building a cluster client asks a node for the slot map, so it is left to the caller's
     first use: the returned function raises (``RedisClusterException``, ``RedisError``) while
-    no startup node answers. A URL names one startup node; a given client lends its startup
-    nodes (all nodes it discovered), credentials and TLS options. A client that decodes
-    replies raises ValueError now.
+    no startup node answers. A URL string names one or more startup nodes (comma-separated,
+    ``sessions.redis_connect``); a given client lends its startup nodes (all nodes it
+    discovered), credentials and TLS options. A client that decodes replies raises ValueError
+    now.
     """
     settings = _settings(socket_timeout_s, connect_timeout_s)
     cluster_settings: dict[str, Any] = {
@@ -83,8 +85,9 @@ def make_cluster_client_factory(
         "require_full_coverage": False,
     }
     if isinstance(client_or_url, str):
-        url = client_or_url
-        return lambda: RedisCluster.from_url(url, **settings, **cluster_settings)
+        urls = client_or_url
+        cluster_seed_urls(urls)  # ValueError now for an empty list
+        return lambda: build_cluster_client(urls, **settings, **cluster_settings)
     lent = client_or_url.get_connection_kwargs()
     _require_bytes_replies(lent)
     options = {

@@ -17,6 +17,7 @@ from redis.crc import key_slot
 
 from sessions.kv_frame import encode_frame
 from sessions.kv_tiers import RedisKVStore
+from sessions.redis_connect import connect_redis
 from tests.kv_tier_helpers import (
     Blocks,
     check_budget_index,
@@ -28,7 +29,7 @@ from tests.kv_tier_helpers import (
     num_calls,
 )
 from tests.redis_cluster_fixture import LocalCluster, redis_cluster  # noqa: F401
-from tests.redis_fixture import require_redis_server
+from tests.redis_fixture import free_port, require_redis_server
 
 LOGGER = "sessions.kv_tiers"
 
@@ -95,6 +96,25 @@ def test_cluster_round_trip_is_exact(
     assert exactly_equal(store.load(tail.hashes, tail.token_ids), tail.staged)
     assert store.ping() and store.healthy and store.last_error is None
     assert (store.stats.hits, store.stats.misses, store.stats.errors) == (88, 64, 0)
+
+
+def test_cluster_seed_list_skips_a_dead_seed(
+    redis_cluster: LocalCluster,  # noqa: F811
+    namespace: str,
+) -> None:
+    """Several comma-separated seeds: the first answers nothing, the cluster is found through
+    the second, for the KV tier and for the records / leases client alike."""
+    seeds = f"redis://127.0.0.1:{free_port()},{redis_cluster.url}"
+    store = cluster_store(seeds, namespace)
+    blocks = make_blocks(8)
+    store.save(blocks.hashes, blocks.token_ids, blocks.staged)
+    assert exactly_equal(store.load(blocks.hashes, blocks.token_ids), blocks.staged)
+    assert store.healthy
+    client = connect_redis(seeds, cluster=True)
+    client.set(f"{namespace}:probe", b"1")
+    assert client.get(f"{namespace}:probe") == b"1"
+    with pytest.raises(ValueError, match="cluster"):
+        connect_redis(seeds)  # several URLs without cluster=True
 
 
 def test_cluster_blocks_and_indexes_spread_over_every_master(

@@ -18,6 +18,7 @@ import pytest
 from redis.cluster import RedisCluster
 from redis.crc import key_slot
 
+from api.cli import main as cli_main
 from engine.async_engine import AsyncEngine
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
@@ -322,3 +323,11 @@ def test_cluster_down_at_start_up_degrades_then_recovers(tmp_path: Path) -> None
         ownership.close()
     finally:
         cluster.stop()
+
+
+def test_cli_rejects_inconsistent_redis_flags(capsys: pytest.CaptureFixture[str]) -> None:
+    """Checked before the model loads: nothing starts."""
+    assert cli_main(["serve", "--redis-cluster"]) == 2
+    assert "--redis-cluster needs --redis-url" in capsys.readouterr().err
+    assert cli_main(["serve", "--redis-url", "redis://a:1,redis://b:2"]) == 2
+    assert "add --redis-cluster" in capsys.readouterr().err
