@@ -6,10 +6,12 @@ time; the engine then recomputes (the token history is the truth, the KV cache i
 
 - ``HostKVStore`` (``sessions.host_tier``): a bounded LRU dict in host memory (pinned when
   CUDA is present).
-- ``RedisKVStore`` (``sessions.redis_tier``, wire protocol in ``sessions.redis_wire``): one
-  msgpack frame per block (``sessions.kv_frame``), TTLs, a shared byte budget with LRU
-  eviction, and no exception ever escaping ``lookup``/``load``/``save``: a Redis outage reads
-  as an empty tier and shows in ``healthy``/``last_error``.
+- ``RedisKVStore`` (``sessions.redis_tier``, wire protocol in ``sessions.redis_wire``, node
+  routing in ``sessions.redis_routing``): one msgpack frame per block (``sessions.kv_frame``)
+  on one Redis or spread over a Redis Cluster's masters, TTLs, a byte budget shared by every
+  server and split over hash-tagged shards, each with LRU eviction, and no exception ever
+  escaping ``lookup``/``load``/``save``: a Redis outage reads as an empty tier and shows in
+  ``healthy``/``last_error``.
 - ``TieredKVStore`` (``sessions.tiered_store``): host over Redis (or any list of tiers):
   per-block sources, promotion of blocks found lower down, write-through saves.
 
