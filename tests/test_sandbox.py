@@ -170,3 +170,29 @@ def test_close_kills_interpreter_and_removes_directory(workdir_root: Path) -> No
     with pytest.raises(SandboxError):
         sandbox.run("1")
     sandbox.close()  # idempotent
+
+
+def test_output_written_to_file_descriptors_is_captured_in_order(sandbox: PythonSandbox) -> None:
+    code = (
+        "import os, subprocess, sys\n"
+        "print('one')\n"
+        "os.write(1, b'two\\n')\n"
+        "subprocess.run(['echo', 'three'])\n"
+        "print('four', flush=True)\n"
+        "os.write(2, b'err\\n')\n"
+        "sys.__stdout__.write('five\\n')\n"
+    )
+    result = sandbox.run(code)
+    assert result.outcome == "ok", result.error
+    assert result.stdout == "one\ntwo\nthree\nfour\nfive\n"
+    assert result.stderr == "err\n"
+    assert not result.stdout_truncated
+    again = sandbox.run("print('next call')")  # nothing of the last call leaks into this one
+    assert again.stdout == "next call\n"
+
+
+def test_huge_raw_output_is_truncated(sandbox: PythonSandbox) -> None:
+    result = sandbox.run("import os\nos.write(1, b'r' * 1_000_000)\nprint('after')")
+    assert result.outcome == "ok"
+    assert result.stdout == "r" * TIGHT_LIMITS.output_chars
+    assert result.stdout_truncated

@@ -15,10 +15,12 @@ namespaces (``unshare --mount-proc -n -p -f``) and as root; the setup below then
 Wire protocol (both directions): a 4-byte big-endian length, then that many bytes of UTF-8
 JSON. The child first sends a hello (``{"ready": true, ...}`` or ``{"ready": false, "error":
 ...}``), then answers each ``{"code": str, "cpu_time_s": float}`` request with one result
-frame. The protocol uses private duplicates of fds 0/1; fds 0, 1 and 2 themselves point to
-``/dev/null``, so output written straight to a file descriptor (subprocesses, ``os.write``)
-is discarded; ``print`` and ``sys.stdout``/``sys.stderr`` writes are captured and truncated
-while they stream (``output_chars``), so printing 100 MB never builds 100 MB of output.
+frame. The protocol uses private duplicates of fds 0/1; between calls fds 0, 1 and 2 point
+to ``/dev/null``. During a call fds 1 and 2 point to two unnamed capture files in the working
+directory, so output written straight to a file descriptor (``os.write``, subprocesses,
+C extensions) is captured in order with ``print``. ``sys.stdout``/``sys.stderr`` write through
+to those fds but stop after ``output_chars`` characters (the rest is only counted), so
+printing 100 MB never writes 100 MB; raw fd writes are bounded by the file-size limit.
 
 Every process the code forks is killed when its call ends (processes do not outlive a call).
 """
@@ -36,6 +38,7 @@ import resource
 import signal
 import struct
 import sys
+import tempfile
 import traceback
 from typing import Any
 
@@ -100,12 +103,13 @@ def write_frame(fd: int, message: dict[str, Any]) -> None:
         data = data[os.write(fd, data) :]
 
 
-class CappedTextStream(io.TextIOBase):
-    """A text sink that keeps the first ``limit_chars`` characters and counts the rest."""
+class CappedFdStream(io.TextIOBase):
+    """A text stream that writes through to ``fd`` until ``limit_chars`` characters, then
+    only counts what it drops (``sys.stdout``/``sys.stderr`` during a call)."""
 
-    def __init__(self, limit_chars: int) -> None:
+    def __init__(self, fd: int, limit_chars: int) -> None:
+        self.fd = fd
         self.limit_chars = limit_chars
-        self.parts: list[str] = []
         self.num_kept = 0
         self.num_dropped = 0
 
@@ -115,16 +119,75 @@ class CappedTextStream(io.TextIOBase):
     def write(self, text: str) -> int:
         if not isinstance(text, str):
             raise TypeError(f"write() argument must be str, not {type(text).__name__}")
-        room = self.limit_chars - self.num_kept
-        if room > 0:
-            kept = text[:room]
-            self.parts.append(kept)
+        room = max(self.limit_chars - self.num_kept, 0)
+        kept = text[:room]
+        if kept:
+            data = memoryview(kept.encode("utf-8", "backslashreplace"))
+            while data:
+                data = data[os.write(self.fd, data) :]
             self.num_kept += len(kept)
-        self.num_dropped += max(0, len(text) - max(room, 0))
+        self.num_dropped += len(text) - len(kept)
         return len(text)
 
-    def getvalue(self) -> str:
-        return "".join(self.parts)
+
+def unnamed_file(directory: str) -> int:
+    """A read-write fd of a file in ``directory`` that has no name (gone when closed)."""
+    try:
+        return os.open(directory, os.O_TMPFILE | os.O_RDWR, 0o600)
+    except OSError:  # a filesystem without O_TMPFILE: create, then unlink at once
+        fd, path = tempfile.mkstemp(dir=directory)
+        os.unlink(path)
+        return fd
+
+
+class CellOutput:
+    """Captures fds 1 and 2 of one call (and of the processes it starts) in unnamed files of
+    ``workdir``; ``sys.stdout``/``sys.stderr`` write through to them with a cap.
+
+    ``start`` redirects, ``finish`` points the fds back at ``/dev/null`` and returns, per
+    stream, the first ``limit_chars`` characters and how many were dropped (characters from
+    ``print``, bytes from raw fd writes).
+    """
+
+    def __init__(self, workdir: str, limit_chars: int, null_fd: int) -> None:
+        self.limit_chars = limit_chars
+        self.null_fd = null_fd
+        self.files = [unnamed_file(workdir) for _ in range(2)]
+        self.streams = [CappedFdStream(fd, limit_chars) for fd in (1, 2)]
+        self.saved = sys.stdout, sys.stderr
+
+    def start(self) -> None:
+        for target, file_fd in zip((1, 2), self.files, strict=True):
+            os.dup2(file_fd, target)
+        sys.stdout, sys.stderr = self.streams  # type: ignore[assignment]
+
+    def finish(self) -> dict[str, Any]:
+        sys.stdout, sys.stderr = self.saved
+        for original in (sys.__stdout__, sys.__stderr__):  # code may have used them directly
+            try:
+                if original is not None:
+                    original.flush()
+            except (OSError, ValueError):
+                pass
+        for target in (1, 2):
+            os.dup2(self.null_fd, target)
+        result: dict[str, Any] = {}
+        for name, file_fd, stream in zip(
+            ("stdout", "stderr"), self.files, self.streams, strict=True
+        ):
+            text, dropped_bytes = self._read(file_fd)
+            result[name] = text
+            result[f"{name}_dropped"] = stream.num_dropped + dropped_bytes
+            os.close(file_fd)
+        return result
+
+    def _read(self, file_fd: int) -> tuple[str, int]:
+        """The first ``limit_chars`` characters of a capture file, and the bytes after them."""
+        size = os.fstat(file_fd).st_size
+        head = os.pread(file_fd, min(size, 4 * self.limit_chars), 0)
+        text = head.decode("utf-8", "replace")[: self.limit_chars]
+        kept_bytes = min(len(text.encode("utf-8", "replace")), size)
+        return text, size - kept_bytes
 
 
 # ---------------------------------------------------------------- setup (runs as root)
@@ -302,11 +365,9 @@ def execute(code: str, cell_idx: int, namespace: dict[str, Any]) -> Any:
 
 
 def run_cell(request: dict[str, Any], cell_idx: int, namespace: dict[str, Any], limit: int) -> dict:
-    stdout, stderr = CappedTextStream(limit), CappedTextStream(limit)
+    """Run one request's code; the value's repr and the error, if any (output: ``CellOutput``)."""
     value_repr: str | None = None
     error: dict[str, str] | None = None
-    saved_streams = sys.stdout, sys.stderr
-    sys.stdout, sys.stderr = stdout, stderr
     try:
         set_cpu_budget(request.get("cpu_time_s"))
         value = execute(request["code"], cell_idx, namespace)
@@ -317,15 +378,7 @@ def run_cell(request: dict[str, Any], cell_idx: int, namespace: dict[str, Any], 
         error = describe_exception(caught, limit)
     finally:
         set_cpu_budget(None)
-        sys.stdout, sys.stderr = saved_streams
-    return {
-        "stdout": stdout.getvalue(),
-        "stderr": stderr.getvalue(),
-        "stdout_dropped": stdout.num_dropped,
-        "stderr_dropped": stderr.num_dropped,
-        "value": value_repr,
-        "error": error,
-    }
+    return {"value": value_repr, "error": error}
 
 
 def kill_other_processes(may_kill_all: bool) -> None:
@@ -355,18 +408,22 @@ def reap_children(block: bool) -> None:
             return
 
 
-def serve(config: dict[str, Any], proto_in: int, proto_out: int) -> None:
+def serve(config: dict[str, Any], proto_in: int, proto_out: int, null_fd: int) -> None:
     main_pid = os.getpid()
     may_kill_all = main_pid == 1 or config["uid"] is not None
     namespace: dict[str, Any] = {"__name__": "__main__", "__builtins__": builtins}
     signal.signal(signal.SIGXCPU, on_cpu_limit)
+    limit = config["output_chars"]
     cell_idx = 0
     while (request := read_frame(proto_in)) is not None:
         cell_idx += 1
-        result = run_cell(request, cell_idx, namespace, config["output_chars"])
+        output = CellOutput(config["workdir"], limit, null_fd)
+        output.start()
+        result = run_cell(request, cell_idx, namespace, limit)
         if os.getpid() != main_pid:  # a process the code forked came back here: end it quietly
             os._exit(0)
-        kill_other_processes(may_kill_all)
+        kill_other_processes(may_kill_all)  # (before reading: nothing writes any more)
+        result.update(output.finish())
         write_frame(proto_out, result)
 
 
@@ -382,7 +439,7 @@ def main() -> None:
         write_frame(proto_out, {"ready": False, "error": f"{type(error).__name__}: {error}"})
         os._exit(1)
     write_frame(proto_out, hello)
-    serve(config, proto_in, proto_out)
+    serve(config, proto_in, proto_out, null_fd)
 
 
 if __name__ == "__main__":
