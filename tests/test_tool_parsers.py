@@ -64,6 +64,13 @@ RECORDED: list[tuple[ToolCallFormat, str, str, list[tuple[str, dict]]]] = [
         "",
         [("a", {"s": "]"}), ("b", {})],
     ),
+    (  # Mistral, newer tokenizers: name[ARGS]{...}, one call per marker
+        "mistral",
+        'Checking. [TOOL_CALLS]get_weather[ARGS]{"city": "Paris", "days": [1, 2]}'
+        "[TOOL_CALLS]now[ARGS] {} Done.",
+        "Checking.Done.",
+        [("get_weather", {"city": "Paris", "days": [1, 2]}), ("now", {})],
+    ),
 ]
 
 # (format, model output): malformed calls come back as plain text, verbatim.
@@ -80,6 +87,11 @@ MALFORMED: list[tuple[ToolCallFormat, str]] = [
     ("mistral", "[TOOL_CALLS] not an array"),
     ("mistral", '[TOOL_CALLS][{"name": "f"'),
     ("mistral", "no calls, just [TOOL_C"),
+    ("mistral", "[TOOL_CALLS]bad name[ARGS]{}"),  # a space in the name
+    ("mistral", "[TOOL_CALLS]f[ARGS][1, 2] then text"),  # arguments not an object
+    ("mistral", '[TOOL_CALLS]f[ARGS]{"x": 1'),  # unterminated
+    ("mistral", "[TOOL_CALLS]f"),  # no [ARGS]
+    ("mistral", "[TOOL_CALLS][ARGS]{}"),  # no name
 ]
 
 PLAIN = "Paris is the capital of France.  \n\n<b>bold</b> [x] {y}\n"

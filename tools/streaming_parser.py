@@ -7,8 +7,9 @@ Formats (``ToolCallFormat``):
 - ``llama3_json``: after ``<|python_tag|>``, or at the very start of the message (only
   whitespace before it), a sequence of ``{"name": ..., "parameters"|"arguments": {...}}``
   objects separated by whitespace or ``;``; whatever follows the sequence is text.
-- ``mistral``: ``[TOOL_CALLS]`` followed by a JSON array of ``{"name", "arguments"}`` objects
-  (the tokenizer must decode with special tokens kept for the marker to be visible).
+- ``mistral``: ``[TOOL_CALLS]`` followed by a JSON array of ``{"name", "arguments"}`` objects,
+  or (newer Mistral tokenizers) by ``name[ARGS]{...arguments...}``, one call per marker (the
+  tokenizer must decode with special tokens kept for the markers to be visible).
 
 Contract:
 
@@ -40,6 +41,8 @@ from tools.tool_call import (
 HERMES_OPEN, HERMES_CLOSE = "<tool_call>", "</tool_call>"
 PYTHON_TAG = "<|python_tag|>"
 MISTRAL_OPEN = "[TOOL_CALLS]"
+MISTRAL_ARGS = "[ARGS]"
+TOOL_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.")
 OPENERS: dict[ToolCallFormat, str] = {
     "hermes": HERMES_OPEN,
     "llama3_json": PYTHON_TAG,
@@ -80,7 +83,8 @@ class StreamingToolParser:
         self._num_calls = 0
         self._scanner: JsonExtentScanner | None = None
         self._scan_idx = 0  # buffer index the scanner / closing-tag search has reached
-        self._array_idx = 0  # mistral: buffer index of the call array's '['
+        self._array_idx = 0  # mistral: buffer index of the call array's '[' (or the arguments)
+        self._mistral_name: str | None = None  # mistral's name[ARGS]{...} form: the name
         self._sequence_num_calls = 0  # llama3: calls in the current sequence
         self._finished = False
 
@@ -212,17 +216,26 @@ class StreamingToolParser:
         buffer = self._buffer
         if self._scanner is None:
             body = buffer[len(MISTRAL_OPEN) :]
-            if not body.strip():
+            stripped = body.lstrip()
+            if not stripped:
                 if final:
                     self._reject_call(buffer, "", events)
                 return False
-            array_idx = len(buffer) - len(body.lstrip())
-            if buffer[array_idx] != "[":
-                self._reject_call(MISTRAL_OPEN, buffer[len(MISTRAL_OPEN) :], events)
-                return True
+            payload_idx = len(buffer) - len(stripped)
+            self._mistral_name = None
+            if stripped[0] != "[":
+                start = self._mistral_named_payload(stripped, final)
+                if start is None:  # not a call: the marker is text, the rest is read again
+                    self._reject_call(MISTRAL_OPEN, body, events)
+                    return True
+                if start < 0:  # the name or what follows it is still arriving
+                    if final:
+                        self._reject_call(buffer, "", events)
+                    return False
+                payload_idx += start
             self._scanner = JsonExtentScanner()
-            self._array_idx = array_idx
-            self._scan_idx = array_idx
+            self._array_idx = payload_idx
+            self._scan_idx = payload_idx
         length = self._scanner.feed(buffer[self._scan_idx :])
         if length is None:
             self._scan_idx = len(buffer)
@@ -231,13 +244,40 @@ class StreamingToolParser:
             return False
         end_idx = self._scan_idx + length
         payload = parse_json(buffer[self._array_idx : end_idx])
-        calls = [tool_call_from_json(item) for item in payload] if isinstance(payload, list) else []
+        if self._mistral_name is not None:
+            named = {"name": self._mistral_name, "arguments": payload}
+            calls = [tool_call_from_json(named) if isinstance(payload, dict) else None]
+        elif isinstance(payload, list):
+            calls = [tool_call_from_json(item) for item in payload]
+        else:
+            calls = []
         valid_calls = [call for call in calls if call is not None]
         if valid_calls and len(valid_calls) == len(calls):
             self._close_call(valid_calls, buffer[end_idx:], events)
         else:
             self._reject_call(buffer[:end_idx], buffer[end_idx:], events)
         return True
+
+    def _mistral_named_payload(self, text: str, final: bool) -> int | None:
+        """``text`` follows the marker and does not start with ``[``: for ``name[ARGS]{``, the
+        index of the ``{`` (and the name is kept); -1 while undecided; None if not a call."""
+        args_idx = text.find(MISTRAL_ARGS)
+        if args_idx < 0:
+            if final:
+                return None
+            name = text[: len(text) - partial_opener_len(text, MISTRAL_ARGS)]
+            return -1 if set(name) <= TOOL_NAME_CHARS else None
+        name = text[:args_idx]
+        if not name or not set(name) <= TOOL_NAME_CHARS:
+            return None
+        arguments = text[args_idx + len(MISTRAL_ARGS) :]
+        first = arguments.lstrip()
+        if not first:
+            return None if final else -1
+        if first[0] != "{":
+            return None
+        self._mistral_name = name
+        return args_idx + len(MISTRAL_ARGS) + len(arguments) - len(first)
 
     def _advance_llama3(self, final: bool, events: list[ToolParserEvent]) -> bool:
         """One step of the object sequence; the buffer starts after the opener/last call."""
