@@ -131,6 +131,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from api.app import build_app
     from api.server import ServeOptions, build_state, is_loopback
+    from sessions.redis_connect import check_redis_url
 
     if not is_loopback(args.host) and not args.api_key:
         raise ValueError(f"--api-key is required to listen on the non-loopback host {args.host}")
@@ -138,6 +139,8 @@ def _serve(args: argparse.Namespace) -> int:
         raise ValueError("--redis-cluster needs --redis-url (one or more nodes of the cluster)")
     if args.redis_url and "," in args.redis_url and not args.redis_cluster:
         raise ValueError("several --redis-url nodes name a Redis Cluster: add --redis-cluster")
+    if args.redis_url:
+        check_redis_url(args.redis_url, args.redis_cluster)  # before the model loads
     engine = engine_from_args(args)
     options = ServeOptions(
         host=args.host,

@@ -27,11 +27,25 @@ from redis.retry import Retry
 
 
 def cluster_seed_urls(urls: str) -> list[str]:
-    """The node URLs of a comma-separated list; ValueError if there is none."""
+    """The node URLs of a comma-separated list; ValueError if there is none or one is not a
+    ``redis://`` / ``rediss://`` URL with a host."""
     seeds = [url.strip() for url in urls.split(",") if url.strip()]
     if not seeds:
         raise ValueError(f"no Redis Cluster node URL in {urls!r}")
+    for url in seeds:
+        if "host" not in parse_url(url):  # parse_url raises ValueError for bad schemes/ports
+            raise ValueError(f"Redis Cluster node URL without a host: {url!r}")
     return seeds
+
+
+def check_redis_url(url: str, cluster: bool) -> None:
+    """ValueError unless ``url`` is a Redis URL (with ``cluster``: a list of node URLs)."""
+    if cluster:
+        cluster_seed_urls(url)
+    elif "," in url:
+        raise ValueError("several Redis URLs name the nodes of a Redis Cluster")
+    else:
+        parse_url(url)
 
 
 def build_cluster_client(urls: str, **options: Any) -> RedisCluster:
@@ -95,6 +109,7 @@ def connect_redis(
         "retry": Retry(NoBackoff(), 1),
     }
     if cluster:
+        cluster_seed_urls(url)  # a bad URL fails now, not as an outage on every call
         return LazyRedisCluster(url, **options)
     if "," in url:
         raise ValueError("several Redis URLs name the nodes of a Redis Cluster: add cluster=True")

@@ -331,3 +331,6 @@ def test_cli_rejects_inconsistent_redis_flags(capsys: pytest.CaptureFixture[str]
     assert "--redis-cluster needs --redis-url" in capsys.readouterr().err
     assert cli_main(["serve", "--redis-url", "redis://a:1,redis://b:2"]) == 2
     assert "add --redis-cluster" in capsys.readouterr().err
+    bad_seeds = ["serve", "--redis-cluster", "--redis-url", "redis://a:1,http://b:2"]
+    assert cli_main([*bad_seeds, "--model", "/no/such/model"]) == 2
+    assert "schemes" in capsys.readouterr().err
