@@ -48,6 +48,10 @@ async def metrics(request: Request) -> Response:
         state.metrics.sessions.labels(name).set(count)
     for tier, up in state.sessions.tier_health().items():
         state.metrics.tier_up.labels(tier).set(1 if up else 0)
+    ownership = state.sessions.ownership
+    if ownership is not None:
+        state.metrics.leases_held.set(len(ownership.leases.held))
+    state.metrics.fenced_writes.set(state.sessions.records.fenced_writes)
     return Response(state.metrics.render(), media_type="text/plain; version=0.0.4")
 
 

@@ -38,6 +38,16 @@ class Metrics:
         self.pool_usage = Gauge(
             "tarry_kv_pool_usage", "Fraction of device KV blocks in use", registry=self.registry
         )
+        self.leases_held = Gauge(
+            "tarry_session_leases_held",
+            "Session leases this instance holds (several instances sharing Redis)",
+            registry=self.registry,
+        )
+        self.fenced_writes = Gauge(
+            "tarry_session_record_writes_fenced",
+            "Session record writes refused since start: another instance owned the session",
+            registry=self.registry,
+        )
         self.tier_up = Gauge(
             "tarry_tier_up",
             "1 if a storage tier answers, 0 if degraded",

@@ -29,6 +29,8 @@ _FENCED_DELETE = _FENCE + "redis.call('DEL', KEYS[1])\nreturn 1\n"
 
 
 class SessionRecordStore(ABC):
+    fenced_writes = 0  # writes refused because another instance owns the session
+
     @abstractmethod
     def save(self, record: dict[str, Any]) -> bool:
         """Write a record; False (and logged) if the store is unavailable or refused it."""

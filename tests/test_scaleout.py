@@ -143,6 +143,9 @@ def test_failover_to_another_instance_restores_kv_from_redis(
         assert fresh["choices"][0]["message"]["content"] == second_text
         owner = shared_redis.inspect.get(session_lease_key("tarry", info["id"]))
         assert owner == b.health()["ownership"]["instance_id"].encode()
+        metrics = httpx.get(f"{b.url}/metrics", timeout=5).text
+        assert "tarry_session_leases_held 1.0" in metrics
+        assert "tarry_session_record_writes_fenced 0.0" in metrics
         if shared_redis.cluster is not None:  # (spread over the masters: test_kv_tier_cluster)
             assert sum(shared_redis.cluster.keys_per_node("tarry:kv:*")) > 0
         on_b.close()
