@@ -15,7 +15,11 @@
 # fixtures import), and smollm2/ (config.json and tokenizer files, no weights; see
 # bench/random_weights.py) gives the parity tests their tokenizer and the engine benchmark a
 # SmolLM2-shaped model with random weights. Without it the tests and benchmark use the embedded
-# model, as on a developer machine.
+# model, as on a developer machine. To prepare it here (it is ignored by git; carry it):
+#
+#   echo /.gpu/ >> .git/info/exclude; mkdir -p .gpu/smollm2 .gpu/whl
+#   cp ~/.cache/tarry/models/SmolLM2-*/{config.json,tokenizer*.json,chat_template.jinja} .gpu/smollm2/
+#   .venv/bin/pip download --no-deps --only-binary=:all: redis==8.1.0 -d .gpu/whl
 set -u -o pipefail
 
 LOG_DIR="${OUT:-/tmp}"
