@@ -137,8 +137,6 @@ def _serve(args: argparse.Namespace) -> int:
         raise ValueError(f"--api-key is required to listen on the non-loopback host {args.host}")
     if args.redis_cluster and not args.redis_url:
         raise ValueError("--redis-cluster needs --redis-url (one or more nodes of the cluster)")
-    if args.redis_url and "," in args.redis_url and not args.redis_cluster:
-        raise ValueError("several --redis-url nodes name a Redis Cluster: add --redis-cluster")
     if args.redis_url:
         check_redis_url(args.redis_url, args.redis_cluster)  # before the model loads
     engine = engine_from_args(args)

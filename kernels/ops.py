@@ -75,21 +75,12 @@ def paged_attention(
     softcap: float | None = None,
 ) -> torch.Tensor:
     """Varlen paged attention; see ``reference.paged_attention_ref`` for the contract."""
+    args = (query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, scale)
     if _use_triton(query):
-        from kernels.triton_attention import paged_attention as implementation
-    else:
-        implementation = paged_attention_cpu
-    return implementation(
-        query,
-        key_cache,
-        value_cache,
-        block_tables,
-        seq_lens,
-        query_start_loc,
-        scale,
-        sliding_window=sliding_window,
-        softcap=softcap,
-    )
+        from kernels import triton_attention
+
+        return triton_attention.paged_attention(*args, sliding_window, softcap)
+    return paged_attention_cpu(*args, sliding_window, softcap)
 
 
 def gather_blocks(kv_cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
@@ -226,8 +217,8 @@ def paged_attention_planned(
             sliding_window=sliding_window,
             softcap=softcap,
         )
-    if softcap:
-        return reference.paged_attention_ref(
+    if softcap:  # no supported model uses it: the unplanned CPU path owns the fallback
+        return paged_attention_cpu(
             query,
             key_cache,
             value_cache,

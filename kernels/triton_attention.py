@@ -150,41 +150,13 @@ def paged_attention(
     scale: float,
     sliding_window: int | None = None,
     softcap: float | None = None,
+    num_splits: int | None = None,
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
     """Varlen paged attention; same contract as ``reference.paged_attention_ref``.
 
-    Picks the split-KV factor from the batch shape and the device's SM count (no device sync).
-    """
-    return launch_paged_attention(
-        query,
-        key_cache,
-        value_cache,
-        block_tables,
-        seq_lens,
-        query_start_loc,
-        scale,
-        sliding_window=sliding_window,
-        softcap=softcap,
-        num_splits=None,
-    )
-
-
-def launch_paged_attention(
-    query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
-    key_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
-    value_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
-    block_tables: torch.Tensor,  # [num_seqs, max_blocks_per_seq] int32
-    seq_lens: torch.Tensor,  # [num_seqs] int32
-    query_start_loc: torch.Tensor,  # [num_seqs + 1] int32
-    scale: float,
-    sliding_window: int | None = None,
-    softcap: float | None = None,
-    num_splits: int | None = 1,
-) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
-    """``paged_attention`` with an explicit split-KV factor (``None``: the heuristic's).
-
-    The caches and index tensors must be contiguous; ``query`` may be a strided view with a
-    contiguous last dim. The output is a new contiguous tensor.
+    ``num_splits`` is the split-KV factor; None picks it from the batch shape and the device's
+    SM count (no device sync). The caches and index tensors must be contiguous; ``query`` may
+    be a strided view with a contiguous last dim. The output is a new contiguous tensor.
     """
     _check_attention_args(query, key_cache, value_cache, block_tables, seq_lens, query_start_loc)
     assert sliding_window is None or sliding_window > 0, "sliding_window must be positive"

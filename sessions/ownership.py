@@ -178,7 +178,7 @@ class SessionLeases:
         """Take a free lease (or keep our own). False only when another instance holds it;
         with Redis unavailable the session is held locally and the lease taken on recovery."""
         won = self._eval(_TAKE_OVER, session_id, "", self.me, self.ttl_ms)
-        if won == 0 and self._current(session_id) == self.me:
+        if won == 0 and self.holder(session_id) == self.me:
             won = 1
         if won == 0:
             return False
@@ -207,11 +207,6 @@ class SessionLeases:
         with self._lock:
             self.held.discard(session_id)
 
-    def holder(self, session_id: str) -> str | None:
-        """The instance id holding the lease now (one Redis GET); None if nobody holds it or
-        Redis is unavailable."""
-        return self._current(session_id)
-
     def holds(self, session_id: str) -> bool:
         """Whether this instance still holds the lease, as of the last renewal."""
         with self._lock:
@@ -233,7 +228,9 @@ class SessionLeases:
             self.held.difference_update(lost)
         return lost
 
-    def _current(self, session_id: str) -> str | None:
+    def holder(self, session_id: str) -> str | None:
+        """The instance id holding the lease now (one Redis GET); None if nobody holds it or
+        Redis is unavailable."""
         try:
             value = _text(self.client.get(self._key(session_id)))
         except Exception as exc:
@@ -245,7 +242,7 @@ class SessionLeases:
     def owner_of(self, session_id: str) -> Owner | None:
         """The lease holder (with its URL and liveness), or None if nobody holds the lease or
         Redis is unavailable."""
-        instance_id = self._current(session_id)
+        instance_id = self.holder(session_id)
         if instance_id is None:
             return None
         url = self.registry.url_of(instance_id)

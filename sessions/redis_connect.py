@@ -16,6 +16,7 @@ code report as "Redis unavailable"). The KV tier builds its own clients
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import redis
@@ -43,7 +44,10 @@ def check_redis_url(url: str, cluster: bool) -> None:
     if cluster:
         cluster_seed_urls(url)
     elif "," in url:
-        raise ValueError("several Redis URLs name the nodes of a Redis Cluster")
+        raise ValueError(
+            "several Redis URLs name the nodes of a Redis Cluster: add --redis-cluster "
+            "(cluster=True)"
+        )
     else:
         parse_url(url)
 
@@ -60,27 +64,36 @@ def build_cluster_client(urls: str, **options: Any) -> RedisCluster:
 
 
 class LazyRedisCluster:
-    """A ``RedisCluster`` for ``url`` (one or more comma-separated node URLs), built on first
-    use.
+    """A ``RedisCluster`` made by ``build`` on first use (building one asks a node for the
+    slot map, so it fails while the cluster is down), and again on later calls until that
+    works. ``what`` names the cluster in errors.
 
     Attribute access is forwarded to the built client, so it is used exactly like one; while
     no node answers, every command raises ``redis.ConnectionError``.
     """
 
-    def __init__(self, url: str, **options: Any) -> None:
-        self.url = url
-        self.options = options
+    def __init__(self, build: Callable[[], RedisCluster], what: str) -> None:
+        self._build = build
+        self.what = what
         self._client: RedisCluster | None = None
         self._lock = threading.Lock()
 
+    @property
+    def built(self) -> RedisCluster | None:
+        """The client if it was built already (nothing is attempted)."""
+        return self._client
+
     def client(self) -> RedisCluster:
         """The cluster client; raises ``redis.ConnectionError`` if it cannot be built now."""
+        client = self._client
+        if client is not None:
+            return client
         with self._lock:
             if self._client is None:
                 try:
-                    self._client = build_cluster_client(self.url, **self.options)
+                    self._client = self._build()
                 except (RedisClusterException, redis.RedisError, OSError) as exc:
-                    raise redis.ConnectionError(f"Redis Cluster at {self.url}: {exc}") from exc
+                    raise redis.ConnectionError(f"Redis Cluster at {self.what}: {exc}") from exc
             return self._client
 
     def __getattr__(self, name: str) -> Any:
@@ -108,9 +121,7 @@ def connect_redis(
         "socket_connect_timeout": connect_timeout_s,
         "retry": Retry(NoBackoff(), 1),
     }
+    check_redis_url(url, cluster)  # a bad URL fails now, not as an outage on every call
     if cluster:
-        cluster_seed_urls(url)  # a bad URL fails now, not as an outage on every call
-        return LazyRedisCluster(url, **options)
-    if "," in url:
-        raise ValueError("several Redis URLs name the nodes of a Redis Cluster: add cluster=True")
+        return LazyRedisCluster(lambda: build_cluster_client(url, **options), url)
     return redis.Redis.from_url(url, **options)

@@ -8,8 +8,7 @@ refresh its slot map. Routers never retry: the store's next call is the retry.
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Protocol
 
 import redis
@@ -18,6 +17,7 @@ from redis.connection import ConnectionPool
 from redis.exceptions import RedisClusterException
 
 from sessions.kv_tier_base import logger
+from sessions.redis_connect import LazyRedisCluster
 from sessions.redis_wire import (
     CLUSTER_ERROR_REPLIES,
     Route,
@@ -82,13 +82,11 @@ class ClusterRouter:
 
     is_cluster = True
 
-    def __init__(self, connect: Callable[[], RedisCluster]) -> None:
-        self._connect = connect
-        self._client: RedisCluster | None = None
-        self._lock = threading.Lock()  # one thread builds the client
+    def __init__(self, cluster: LazyRedisCluster) -> None:
+        self._cluster = cluster
 
     def route(self, keys: Sequence[str]) -> Route:
-        client = self._cluster()
+        client = self._cluster.client()
         pools: list[ConnectionPool] = []
         pool_idx_of_slot: dict[int, int] = {}
         pool_idx_of_node: dict[str, int] = {}
@@ -107,28 +105,19 @@ class ClusterRouter:
         return Route(pools, pool_idx)
 
     def every_node(self) -> list[ConnectionPool]:
-        client = self._cluster()
+        client = self._cluster.client()
         return [
             client.get_redis_connection(node).connection_pool for node in client.get_primaries()
         ]
 
     def recover(self, error: BaseException) -> None:
-        client = self._client
+        client = self._cluster.built
         if client is None or not isinstance(error, _TOPOLOGY_FAILURES):
             return  # not built yet (the next call builds it), or the map is not in doubt
         try:
             client.nodes_manager.initialize(disconnect_startup_nodes_pools=False)
         except REDIS_FAILURES as refresh_error:
             logger.debug("Redis Cluster slot map not refreshed: %s", refresh_error)
-
-    def _cluster(self) -> RedisCluster:
-        client = self._client
-        if client is None:
-            with self._lock:
-                if self._client is None:
-                    self._client = self._connect()
-                client = self._client
-        return client
 
 
 def make_router(
@@ -143,7 +132,7 @@ def make_router(
     that decodes replies or a plain client with ``cluster``."""
     if isinstance(client_or_url, RedisCluster) or (cluster and isinstance(client_or_url, str)):
         connect = make_cluster_client_factory(client_or_url, socket_timeout_s, connect_timeout_s)
-        return ClusterRouter(connect)
+        return ClusterRouter(LazyRedisCluster(connect, "the KV tier's seed nodes"))
     if cluster:
         raise ValueError("cluster=True needs a URL or a redis.cluster.RedisCluster client")
     return StandaloneRouter(make_client(client_or_url, socket_timeout_s, connect_timeout_s))

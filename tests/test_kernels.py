@@ -99,14 +99,9 @@ def _assert_matches_reference(
     num_splits: int | None = None,
 ) -> None:
     """The Triton kernel (heuristic or explicit split factor) equals the reference."""
-    if num_splits is None:
-        out = triton_attention.paged_attention(
-            *batch.args(), sliding_window=sliding_window, softcap=softcap
-        )
-    else:
-        out = triton_attention.launch_paged_attention(
-            *batch.args(), sliding_window=sliding_window, softcap=softcap, num_splits=num_splits
-        )
+    out = triton_attention.paged_attention(
+        *batch.args(), sliding_window=sliding_window, softcap=softcap, num_splits=num_splits
+    )
     ref = reference.paged_attention_ref(
         *batch.args(), sliding_window=sliding_window, softcap=softcap
     )
