@@ -18,7 +18,7 @@ from sessions.manager import SessionManager
 from sessions.ownership import SessionOwnership
 from sessions.record_store import MemoryRecordStore, RedisRecordStore, SessionRecordStore
 from sessions.redis_connect import connect_redis
-from sessions.tiering import build_kv_store
+from sessions.tiers.factory import build_kv_store
 
 
 @dataclass

@@ -30,7 +30,7 @@ import torch
 from local_redis import local_redis
 
 from engine.block_pool import BlockHash
-from sessions.kv_tiers import RedisKVStore
+from sessions.tiers import RedisKVStore
 
 NUM_LAYERS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 30, 3, 64, 16  # SmolLM2-135M
 

@@ -19,12 +19,12 @@ from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.model_loader import LoadedModel, load_model
 from engine.sampling_params import SamplingParams
-from sessions.kv_tiers import RedisKVStore
 from sessions.manager import SessionManager
 from sessions.policy import PausePolicy
 from sessions.record_store import MemoryRecordStore
 from sessions.session import Session
-from sessions.tiering import build_kv_store
+from sessions.tiers import RedisKVStore
+from sessions.tiers.factory import build_kv_store
 
 FIRST_TOKEN = SamplingParams(temperature=0.0, max_tokens=1)
 

@@ -1,6 +1,6 @@
 """The interface between the engine and KV tiers below the device pool (host memory, Redis).
 
-The engine only knows this interface; ``sessions.kv_tiers`` implements it. Blocks are addressed
+The engine only knows this interface; ``sessions.tiers`` implements it. Blocks are addressed
 by their chained content hash (which already mixes in the model fingerprint and tenant salt),
 so identical prefixes are stored once per tier and can be shared across sessions and servers.
 

@@ -10,7 +10,7 @@ node for the slot map when it is built, so building one while the cluster is dow
 the server's start-up; the lazy client builds it on first use instead and tries again on later
 calls, raising ``redis.ConnectionError`` meanwhile (which the record store and the ownership
 code report as "Redis unavailable"). The KV tier builds its own clients
-(``sessions.redis_wire``).
+(``sessions.tiers.redis_wire``).
 """
 
 from __future__ import annotations

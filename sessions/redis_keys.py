@@ -3,7 +3,8 @@
 A session's record and its lease carry the session id as a Redis Cluster hash tag
 (``{...}``), so both live in one slot: a record write can be fenced by the lease in one atomic
 script (``sessions.record_store``), on a single Redis and on a cluster alike. Instance keys are
-independent of each other. KV blocks have their own, sharded, layout (``sessions.redis_tier``).
+independent of each other. KV blocks have their own, sharded, layout
+(``sessions.tiers.redis_index``).
 
     {ns}:session:{<session id>}    msgpack session record (messages, token ids, settings)
     {ns}:lease:{<session id>}      id of the instance that owns the session (PX TTL)

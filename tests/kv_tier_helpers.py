@@ -14,8 +14,8 @@ from redis.cluster import RedisCluster
 
 from engine.block_hash import hash_full_blocks
 from engine.block_pool import BlockHash
-from sessions.kv_frame import encode_frame
-from sessions.kv_tiers import RedisKVStore
+from sessions.tiers import RedisKVStore
+from sessions.tiers.frame import encode_frame
 
 T = TypeVar("T")
 AnyRedis = redis.Redis | RedisCluster  # a test's own client, for inspecting and tampering

@@ -18,7 +18,7 @@ from sessions.manager import SessionManager
 from sessions.policy import PausePolicy
 from sessions.record_store import MemoryRecordStore, RedisRecordStore
 from sessions.session import Session
-from sessions.tiering import build_kv_store
+from sessions.tiers.factory import build_kv_store
 
 PARAMS = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
 

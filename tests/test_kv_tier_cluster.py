@@ -15,9 +15,9 @@ import torch
 from redis.cluster import RedisCluster
 from redis.crc import key_slot
 
-from sessions.kv_frame import encode_frame
-from sessions.kv_tiers import RedisKVStore
 from sessions.redis_connect import connect_redis
+from sessions.tiers import RedisKVStore
+from sessions.tiers.frame import encode_frame
 from tests.kv_tier_helpers import (
     Blocks,
     check_budget_index,
@@ -31,7 +31,7 @@ from tests.kv_tier_helpers import (
 from tests.redis_cluster_fixture import LocalCluster, redis_cluster  # noqa: F401
 from tests.redis_fixture import free_port, require_redis_server
 
-LOGGER = "sessions.kv_tiers"
+LOGGER = "sessions.tiers"
 
 
 @pytest.fixture

@@ -14,8 +14,8 @@ import redis
 import torch
 from redis.crc import key_slot
 
-from sessions.kv_frame import FrameError, decode_frame, encode_frame
-from sessions.kv_tiers import HostKVStore, RedisKVStore, TieredKVStore
+from sessions.tiers import HostKVStore, RedisKVStore, TieredKVStore
+from sessions.tiers.frame import FrameError, decode_frame, encode_frame
 from tests.kv_tier_helpers import (
     BLOCK_BYTES_FP32,
     BLOCK_SIZE,
@@ -32,7 +32,7 @@ from tests.kv_tier_helpers import (
 )
 from tests.redis_fixture import LatencyProxy, RedisServer  # fixtures come from conftest
 
-LOGGER = "sessions.kv_tiers"
+LOGGER = "sessions.tiers"
 
 
 @pytest.fixture

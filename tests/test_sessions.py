@@ -323,7 +323,7 @@ def test_preemption_swaps_to_host_and_matches_hf(tiny_model_dirs):
     """With a host pool, preempted requests come back from host memory, not recomputation."""
     from engine.config import EngineConfig
     from engine.llm_engine import LLMEngine
-    from sessions.kv_tiers import HostKVStore
+    from sessions.tiers import HostKVStore
     from tests.helpers import greedy, hf_greedy, mixed_prompts, run_staggered
 
     prompts = mixed_prompts(11, 8, 20, 60)

@@ -1,6 +1,6 @@
 """What every KV tier shares: the ``KVTier`` base, its counters and the argument checks.
 
-Tiers log under ``sessions.kv_tiers``, one logger for all of them (see ``sessions.kv_tiers``).
+Tiers log under ``sessions.tiers``, one logger for all of them (see ``sessions.tiers``).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 from engine.block_pool import BlockHash
 from engine.kv_store import KVStore
 
-logger = logging.getLogger("sessions.kv_tiers")
+logger = logging.getLogger("sessions.tiers")
 
 
 @dataclass(slots=True)

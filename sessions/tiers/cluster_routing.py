@@ -1,7 +1,7 @@
 """Which connection each command of the Redis KV tier goes to: the one Redis, or the Redis
 Cluster node that owns the command's key slot.
 
-A router turns the keys of a stream of commands into a ``Route`` (``sessions.redis_wire``);
+A router turns the keys of a stream of commands into a ``Route`` (``sessions.tiers.redis_wire``);
 after a failed call the store hands it the error (``recover``) so a cluster router can
 refresh its slot map. Routers never retry: the store's next call is the retry.
 """
@@ -16,9 +16,9 @@ from redis.cluster import RedisCluster
 from redis.connection import ConnectionPool
 from redis.exceptions import RedisClusterException
 
-from sessions.kv_tier_base import logger
 from sessions.redis_connect import LazyRedisCluster
-from sessions.redis_wire import (
+from sessions.tiers.base import logger
+from sessions.tiers.redis_wire import (
     CLUSTER_ERROR_REPLIES,
     Route,
     make_client,

@@ -16,16 +16,7 @@ from redis.cluster import RedisCluster
 from redis.utils import HIREDIS_AVAILABLE
 
 from engine.block_pool import BlockHash
-from sessions.kv_frame import (
-    FrameError,
-    FrameHeader,
-    body_tensor,
-    decode_frame,
-    dtype_name,
-    encode_frame,
-    verify_checksum,
-)
-from sessions.kv_tier_base import (
+from sessions.tiers.base import (
     KVTier,
     KVTierStats,
     block_shape_of,
@@ -34,7 +25,17 @@ from sessions.kv_tier_base import (
     empty_staged,
     logger,
 )
-from sessions.redis_kv_index import (
+from sessions.tiers.cluster_routing import REDIS_FAILURES, make_router
+from sessions.tiers.frame import (
+    FrameError,
+    FrameHeader,
+    body_tensor,
+    decode_frame,
+    dtype_name,
+    encode_frame,
+    verify_checksum,
+)
+from sessions.tiers.redis_index import (
     DEFAULT_CLUSTER_SHARDS,
     LUA_DISCARD,
     LUA_RECORD_AND_EVICT,
@@ -42,8 +43,7 @@ from sessions.redis_kv_index import (
     lru_scores,
     now_us,
 )
-from sessions.redis_routing import REDIS_FAILURES, make_router
-from sessions.redis_wire import Packed, ReplyWindow, Route, exchange, pack_command, stream
+from sessions.tiers.redis_wire import Packed, ReplyWindow, Route, exchange, pack_command, stream
 
 T = TypeVar("T")
 

@@ -16,8 +16,8 @@ from redis.connection import Connection, ConnectionPool
 from redis.exceptions import AskError, ClusterError, TryAgainError
 from redis.retry import Retry
 
-from sessions.kv_tier_base import logger
 from sessions.redis_connect import build_cluster_client, cluster_seed_urls
+from sessions.tiers.base import logger
 
 Packed = list[bytes | memoryview]  # one RESP command, big arguments left uncopied
 

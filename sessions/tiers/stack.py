@@ -8,7 +8,7 @@ import torch
 
 from engine.block_pool import BlockHash
 from engine.kv_store import KVStore
-from sessions.kv_tier_base import KVTier, check_load_args, logger
+from sessions.tiers.base import KVTier, check_load_args, logger
 
 
 class TieredKVStore(KVTier):

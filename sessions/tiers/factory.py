@@ -6,7 +6,7 @@ from typing import Any
 
 from engine.kv_store import KVStore
 from engine.llm_engine import LLMEngine
-from sessions.kv_tiers import HostKVStore, RedisKVStore, TieredKVStore
+from sessions.tiers import HostKVStore, RedisKVStore, TieredKVStore
 
 
 def build_kv_store(

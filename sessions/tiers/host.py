@@ -10,7 +10,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from engine.block_pool import BlockHash
-from sessions.kv_tier_base import (
+from sessions.tiers.base import (
     KVTier,
     KVTierStats,
     block_shape_of,
