@@ -26,7 +26,7 @@ async def health(request: Request) -> Response:
         "model": state.model_name,
         "engine_running": state.runner.is_running,
         "tiers": tiers,
-        "kv_pool_usage": round(state.runner.engine.kv_manager.usage(), 4),
+        "kv_pool_usage": round(state.runner.engine.kv_usage(), 4),
         "time": time.time(),
     }
     ownership = state.sessions.ownership
@@ -40,7 +40,7 @@ async def health(request: Request) -> Response:
 async def metrics(request: Request) -> Response:
     state: ServerState = request.app.state.tarry
     engine = state.runner.engine
-    state.metrics.pool_usage.set(engine.kv_manager.usage())
+    state.metrics.pool_usage.set(engine.kv_usage())
     counts = {s.value: 0 for s in SessionState}
     for session in state.sessions.all_sessions():
         counts[session.state.value] += 1

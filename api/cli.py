@@ -86,7 +86,7 @@ def engine_from_args(args: argparse.Namespace) -> LLMEngine:
     engine = LLMEngine(loaded, EngineConfig(block_size=args.block_size, kv_cache_bytes=kv_bytes))
     print(
         f"loaded {loaded.name} ({loaded.architecture}, {loaded.dtype}, {loaded.device}) "
-        f"in {time.perf_counter() - started:.1f}s; KV pool {engine.kv_manager.pool.num_blocks} "
+        f"in {time.perf_counter() - started:.1f}s; KV pool {engine.num_kv_blocks} "
         f"blocks x {engine.config.block_size} tokens",
         file=sys.stderr,
     )

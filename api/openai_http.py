@@ -243,7 +243,7 @@ def _session_source(
     try:
         session = state.sessions.get(session_id, owner)
         if tools:
-            session.tools = tools
+            state.sessions.update(session, tools=tools)
         state.sessions.append(session, chat_messages(body))
     except SessionMovedError:
         raise  # the caller answers 307 to the owner

@@ -92,7 +92,7 @@ class ResponsesConnection:
                 )
         else:
             session = manager.create(self.owner, request.get("instructions"))
-        session.tools = tools
+        manager.update(session, tools=tools)
         if messages:
             manager.append(session, messages)
         return session

@@ -95,10 +95,6 @@ class ToolRuntime:
     _constrainer: Any = None
     _sandboxes: dict[str, PythonSandbox] = field(default_factory=dict)
 
-    @property
-    def call_format(self) -> str:
-        return str(tool_call_format(self.tokenizer))
-
     def parser(self) -> StreamingToolParser:
         return StreamingToolParser(tool_call_format(self.tokenizer))
 

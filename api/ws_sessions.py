@@ -2,8 +2,10 @@
 
 One connection drives one session at a time. Client events are handled in order; a response
 runs as a task so that ``response.cancel`` (and everything else) stays responsive. A dropped
-connection cancels the running response; the session stays PAUSED and can be resumed with
-``session.resume`` from any connection of the same key.
+connection cancels the running response: the session keeps the history it had before that
+response and, like every turn end, is placed by the pause policy (OFFLOADED by default, as its
+client is gone), then can be resumed with ``session.resume`` from any connection of the same
+key.
 """
 
 from __future__ import annotations
@@ -192,19 +194,14 @@ class SessionConnection:
                 "too_many_sessions", "this key has too many open sessions", event.get("event_id")
             )
         tools = normalize_tools(config.get("tools"))
-        session = manager.create(self.owner, config.get("instructions"), tools)
-        resume_token = self._new_resume_token(session, config)
+        resume_token = secrets.token_urlsafe(24)
+        defaults = {k: v for k, v in config.items() if k not in ("instructions", "tools")}
+        settings = {"resume_token_sha256": _token_hash(resume_token), "defaults": defaults}
+        session = manager.create(self.owner, config.get("instructions"), tools, settings)
         self.session = session
         await self.send(
             {"type": "session.created", "session": self._session_info(session, resume_token)}
         )
-
-    def _new_resume_token(self, session: Session, config: dict[str, Any]) -> str:
-        token = secrets.token_urlsafe(24)
-        defaults = {k: v for k, v in config.items() if k not in ("instructions", "tools")}
-        session.settings.update({"resume_token_sha256": _token_hash(token), "defaults": defaults})
-        self.state.sessions.records.save(session.to_record())
-        return token
 
     async def _resume(self, event: dict[str, Any]) -> None:
         session_id, token = event.get("session_id"), event.get("resume_token")
@@ -232,17 +229,14 @@ class SessionConnection:
     async def _update(self, event: dict[str, Any]) -> None:
         config = session_config(event)
         session = self._bound()
-        if "instructions" in config:
-            messages = session.messages
-            if messages and messages[0]["role"] == "system":
-                messages[0] = {"role": "system", "content": config["instructions"]}
-            else:
-                messages.insert(0, {"role": "system", "content": config["instructions"]})
-        if "tools" in config:
-            session.tools = normalize_tools(config["tools"])
-        defaults = session.settings.setdefault("defaults", {})
+        defaults = dict(session.settings.get("defaults", {}))
         defaults.update({k: v for k, v in config.items() if k not in ("instructions", "tools")})
-        self.state.sessions.records.save(session.to_record())
+        self.state.sessions.update(
+            session,
+            instructions=config.get("instructions"),
+            tools=normalize_tools(config["tools"]) if "tools" in config else None,
+            settings={"defaults": defaults},
+        )
         await self.send({"type": "session.updated", "session": self._session_info(session, None)})
 
     async def _item_create(self, event: dict[str, Any]) -> None:
@@ -282,8 +276,9 @@ class SessionConnection:
 
     async def _fork(self, event: dict[str, Any]) -> None:
         session = self._bound()
-        child = self.state.sessions.fork(session)
-        token = self._new_resume_token(child, dict(session.settings.get("defaults", {})))
+        child = self.state.sessions.fork(session)  # with the parent's settings and defaults
+        token = secrets.token_urlsafe(24)
+        self.state.sessions.update(child, settings={"resume_token_sha256": _token_hash(token)})
         await self.send({"type": "session.forked", "session": self._session_info(child, token)})
 
     async def _close(self, event: dict[str, Any]) -> None:

@@ -136,7 +136,7 @@ def cpu_suite(loaded: LoadedModel, num_hf_sequential: int) -> None:
         prompt = random_prompt(length, length)
         hf.prefill(prompt[:64])
         hf_tok_s = length / timed(lambda p=prompt: hf.prefill(p))
-        engine.kv_manager.pool.reset_prefix_cache()
+        engine.reset_prefix_cache()
         ours_tok_s = length / engine_ttft(engine, prompt)
         report(f"prefill {length} tokens", ours_tok_s, hf_tok_s, "tok/s", "report")
 
@@ -156,7 +156,7 @@ def cpu_suite(loaded: LoadedModel, num_hf_sequential: int) -> None:
     )
 
     shared = random_prompt(2048, 7)
-    engine.kv_manager.pool.reset_prefix_cache()
+    engine.reset_prefix_cache()
     cold = engine_ttft(engine, shared + random_prompt(50, 8))
     engine_ttft(engine, shared + random_prompt(50, 9))  # the prefix is now cached
     warm = engine_ttft(engine, shared + random_prompt(50, 10))

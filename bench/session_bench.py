@@ -71,7 +71,7 @@ def build_session(manager: SessionManager, num_tokens: int, seed: int) -> Sessio
 def drop_device(manager: SessionManager, session: Session) -> None:
     llm = manager.llm
     manager.engine.run_exclusive(llm.unpin, session.session_id)
-    manager.engine.run_exclusive(llm.kv_manager.pool.reset_prefix_cache)
+    manager.engine.run_exclusive(llm.reset_prefix_cache)
 
 
 def resume_vs_recompute(loaded: LoadedModel, redis_url: str) -> None:
@@ -150,8 +150,8 @@ def shared_prefix_blocks(loaded: LoadedModel, redis_url: str) -> None:
         session = manager.create("bench", instructions=shared)
         turn_ttft(manager, session, f"Agent {idx} here.")
         sessions.append(session)
-    pins = manager.llm.kv_manager.pins
-    used = len({block.block_id for blocks in pins.values() for block in blocks})
+    pins = manager.llm.offload.pins.values()
+    used = len({block.block_id for pin in pins for block in pin.blocks})
     unshared = sum(len(s.token_ids) // manager.llm.config.block_size for s in sessions)
     print(
         f"32 sessions sharing a {len(manager.tokenizer.encode(shared))}-token prefix: "

@@ -15,7 +15,7 @@ block ("touch") pulls it out of the queue from anywhere in O(1).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import NewType
 
@@ -95,7 +95,15 @@ class BlockPool:
     ``allocate`` evicts it. ``lookup`` returns a block only when both hash and tokens match.
     """
 
-    def __init__(self, num_blocks: int, enable_prefix_caching: bool = True) -> None:
+    def __init__(
+        self,
+        num_blocks: int,
+        enable_prefix_caching: bool = True,
+        on_evict: Callable[[KVBlock], None] | None = None,
+    ) -> None:
+        """``on_evict(block)`` is called when ``allocate`` is about to reuse a cached block,
+        while the block still carries its hash and tokens (and its KV is still intact: the
+        caller has not yet written the new content)."""
         if num_blocks <= 0:
             raise ValueError(f"num_blocks must be positive, got {num_blocks}")
         self.num_blocks = num_blocks
@@ -104,6 +112,7 @@ class BlockPool:
         self.free_queue = FreeBlockQueue(self.blocks)
         self.cached_blocks: dict[BlockHash, KVBlock] = {}
         self.num_evictions = 0
+        self.on_evict = on_evict
 
     @property
     def num_free_blocks(self) -> int:
@@ -116,6 +125,8 @@ class BlockPool:
         taken = []
         for _ in range(num_blocks):
             block = self.free_queue.popleft()
+            if self.on_evict is not None and block.block_hash is not None:
+                self.on_evict(block)
             self._evict(block)
             block.ref_cnt = 1
             taken.append(block)
@@ -169,7 +180,8 @@ class BlockPool:
         self.num_evictions += 1
 
     def reset_prefix_cache(self) -> None:
-        """Forget every cached hash of unreferenced blocks (used blocks keep theirs)."""
+        """Forget every cached hash of unreferenced blocks (used blocks keep theirs). This is
+        not an eviction: ``on_evict`` is not called."""
         for block in list(self.free_queue):
             self._evict(block)
 

@@ -7,21 +7,26 @@ characters, which might still turn out to begin a stop string.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
+
+from tokenizers.decoders import DecodeStream
 
 # Prompt tokens decoded before the output, so tokenizers that drop a leading space at the
 # start of a decode (SentencePiece) still produce it.
 _PROMPT_CONTEXT_TOKENS = 4
 
 
-def text_decoder(tokenizer: Any) -> Callable[[list[int]], str]:
-    """``tokenizer.decode(ids, skip_special_tokens=True)`` as a one-argument function.
+class Detokenizer(Protocol):
+    def append(self, token_id: int) -> str:
+        """Add one token; return the text it completes (possibly empty)."""
+        ...
 
-    Every generated token is decoded twice, so for a plain ``transformers`` fast tokenizer
-    (``decode`` not overridden, no clean-up) this calls its Rust backend directly, skipping the
-    wrapper's argument handling (measured 4.1 vs 1.5 us per call); the text is the same.
-    """
+
+def new_detokenizer(tokenizer: Any, prompt_token_ids: list[int]) -> Detokenizer:
+    """The incremental detokenizer for ``tokenizer``: the Rust ``DecodeStream`` for a plain
+    ``transformers`` fast tokenizer (``decode`` not overridden, no clean-up; same text as
+    ``tokenizer.decode(ids, skip_special_tokens=True)``, measured 1.6 vs 2.6 us per token
+    against decoding windows twice), the generic ``OffsetDetokenizer`` otherwise."""
     from transformers import PreTrainedTokenizerFast
 
     backend: Any = getattr(tokenizer, "backend_tokenizer", None)  # the Rust tokenizer
@@ -32,22 +37,36 @@ def text_decoder(tokenizer: Any) -> Callable[[list[int]], str]:
         and not getattr(tokenizer, "clean_up_tokenization_spaces", True)
     )
     if plain:
-        return lambda ids: backend.decode(ids, skip_special_tokens=True)
-    return lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
+        return StreamDetokenizer(backend, prompt_token_ids)
+    return OffsetDetokenizer(tokenizer, prompt_token_ids)
 
 
-class IncrementalDetokenizer:
-    """Turns a growing list of token ids into text deltas (the approach of vLLM / TGI)."""
+class StreamDetokenizer:
+    """``tokenizers.decoders.DecodeStream`` primed with the prompt's last tokens."""
+
+    def __init__(self, backend: Any, prompt_token_ids: list[int]) -> None:
+        self.backend = backend
+        context = list(prompt_token_ids[-_PROMPT_CONTEXT_TOKENS:])
+        self.stream = DecodeStream(ids=context, skip_special_tokens=True)
+
+    def append(self, token_id: int) -> str:
+        return self.stream.step(self.backend, token_id) or ""
+
+
+class OffsetDetokenizer:
+    """Any tokenizer with ``decode``: decode a sliding window twice per token and release
+    what changed (the approach of vLLM / TGI)."""
 
     def __init__(self, tokenizer: Any, prompt_token_ids: list[int]) -> None:
         self.tokenizer = tokenizer
-        self.decode = text_decoder(tokenizer)
         self.token_ids = list(prompt_token_ids[-_PROMPT_CONTEXT_TOKENS:])
         self.prefix_offset = 0
         self.read_offset = len(self.token_ids)
 
+    def decode(self, ids: list[int]) -> str:
+        return str(self.tokenizer.decode(ids, skip_special_tokens=True))
+
     def append(self, token_id: int) -> str:
-        """Add one token; return the text it completes (possibly empty)."""
         self.token_ids.append(token_id)
         prefix_text = self.decode(self.token_ids[self.prefix_offset : self.read_offset])
         full_text = self.decode(self.token_ids[self.prefix_offset :])

@@ -6,11 +6,12 @@ and which of those blocks are full and hashed (shareable). It never touches KV t
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from engine.block_hash import hash_full_blocks
 from engine.block_pool import BlockHash, BlockPool, KVBlock
 from engine.request import Request
+from engine.units import cdiv
 
 
 class KVCacheManager:
@@ -37,11 +38,6 @@ class KVCacheManager:
         self.hash_extra = hash_extra
         self.block_tables: dict[str, list[KVBlock]] = {}
         self._block_hashes: dict[str, list[BlockHash]] = {}
-        # External references that keep cached blocks on the device (e.g. a paused session's
-        # context), by owner id; dict order = least recently pinned first.
-        self.pins: dict[str, list[KVBlock]] = {}
-        self.num_prefix_queries = 0
-        self.num_prefix_hits = 0  # tokens served by the prefix cache
 
     # -- lookups -----------------------------------------------------------------------------
 
@@ -81,8 +77,6 @@ class KVCacheManager:
             return [], 0
         max_blocks = (request.num_tokens - 1) // self.block_size
         found = self.cached_prefix(request.all_token_ids, self.block_hashes(request)[:max_blocks])
-        self.num_prefix_queries += request.num_tokens
-        self.num_prefix_hits += len(found) * self.block_size
         return found, len(found) * self.block_size
 
     # -- allocation --------------------------------------------------------------------------
@@ -106,7 +100,7 @@ class KVCacheManager:
             if computed_blocks
             else (request.num_computed_tokens)
         )
-        num_needed = -(-(num_computed + num_new_tokens) // self.block_size)
+        num_needed = self.num_blocks_for(num_computed + num_new_tokens)
         num_new_blocks = max(0, num_needed - len(table) - len(computed_blocks))
         if num_new_blocks == 0 and table:  # most decode steps: the last block has room
             return True
@@ -142,20 +136,55 @@ class KVCacheManager:
         self.pool.free(list(reversed(table)))
         self._block_hashes.pop(request_id, None)
 
-    # -- pins ----------------------------------------------------------------------------------
+    # -- references held outside block tables (pins, blocks being restored) -------------------
 
-    def pin(self, owner_id: str, blocks: Sequence[KVBlock]) -> None:
-        """Reference ``blocks`` on behalf of ``owner_id`` (replacing its previous pin), so the
-        pool cannot evict them. The owner becomes the most recently pinned."""
+    def hold(self, blocks: Sequence[KVBlock]) -> None:
+        """Add one reference to each of ``blocks`` (found by ``cached_prefix``), so the pool
+        cannot evict them until ``release``. The holder must report its blocks to
+        ``check_integrity``."""
         self.pool.touch(blocks)
-        self.unpin(owner_id)
-        self.pins[owner_id] = list(blocks)
 
-    def unpin(self, owner_id: str) -> list[KVBlock]:
-        """Drop the owner's pin (its blocks stay cached until evicted); returns the blocks."""
-        blocks = self.pins.pop(owner_id, [])
+    def release(self, blocks: Sequence[KVBlock]) -> None:
+        """Drop the references ``hold`` (or ``import_blocks``) took, tail first: blocks stay
+        cached until evicted, the tail of a sequence before its prefix."""
         self.pool.free(list(reversed(blocks)))
+
+    def import_blocks(
+        self, block_hashes: Sequence[BlockHash], token_ids: Sequence[Sequence[int]]
+    ) -> list[KVBlock]:
+        """Allocate one block per hash and index it as cached under that hash and its tokens
+        (the caller writes the KV into them before any step reads them). The blocks are held
+        (one reference each) until ``release``. The caller checks ``num_free_blocks`` first;
+        raises ValueError if too few blocks are free."""
+        blocks = self.pool.allocate(len(block_hashes))
+        if blocks is None:
+            raise ValueError(f"{len(block_hashes)} blocks asked, {self.num_free_blocks} free")
+        for block, block_hash, tokens in zip(blocks, block_hashes, token_ids, strict=True):
+            self.pool.cache_block(block, block_hash, tokens)
         return blocks
+
+    def observe_evictions(self, on_evict: Callable[[KVBlock], None]) -> None:
+        """Have ``on_evict(block)`` called whenever a cached block is about to be reused
+        (see ``BlockPool``); the block's KV is intact until the step that reuses it runs."""
+        self.pool.on_evict = on_evict
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached hash of unreferenced blocks (for benchmarks and tests)."""
+        self.pool.reset_prefix_cache()
+
+    # -- queries -------------------------------------------------------------------------------
+
+    def num_blocks_for(self, num_tokens: int) -> int:
+        """Blocks needed to hold ``num_tokens`` tokens."""
+        return cdiv(num_tokens, self.block_size)
+
+    def num_blocks_held(self, request_id: str) -> int:
+        """Blocks in the request's table (0 for unknown ids)."""
+        return len(self.block_tables.get(request_id, ()))
+
+    def block_table(self, request_id: str) -> list[KVBlock]:
+        """A copy of the request's block table (empty for unknown ids)."""
+        return list(self.block_tables.get(request_id, ()))
 
     def get_block_ids(self, request_id: str) -> list[int]:
         return [block.block_id for block in self.block_tables.get(request_id, [])]
@@ -164,15 +193,20 @@ class KVCacheManager:
     def num_free_blocks(self) -> int:
         return self.pool.num_free_blocks
 
+    @property
+    def num_blocks(self) -> int:
+        return self.pool.num_blocks
+
     def usage(self) -> float:
-        """Fraction of blocks referenced by live requests or pins."""
+        """Fraction of blocks referenced by live requests or held (pins, restores)."""
         return 1.0 - self.pool.num_free_blocks / self.pool.num_blocks
 
-    def check_integrity(self) -> None:
-        """Pool invariants plus: every referenced block is owned by a table, counts agree."""
+    def check_integrity(self, held: Iterable[Sequence[KVBlock]] = ()) -> None:
+        """Pool invariants plus: every referenced block is owned by a table or by one of the
+        ``held`` lists (each list is one reference per block), and the counts agree."""
         self.pool.check_integrity()
         owners: dict[int, int] = {}
-        for table in (*self.block_tables.values(), *self.pins.values()):
+        for table in (*self.block_tables.values(), *held):
             for block in table:
                 owners[block.block_id] = owners.get(block.block_id, 0) + 1
         for block in self.pool.blocks:

@@ -32,6 +32,11 @@ class KVStore(ABC):
         May over-report (a block can vanish between lookup and load); ``load`` is the truth.
         """
 
+    def contains(self, block_hashes: Sequence[BlockHash]) -> list[bool]:
+        """For each hash, whether this store probably holds it (``load`` is the truth).
+        Stores that can answer for many blocks at once override this."""
+        return [self.lookup([block_hash]) == 1 for block_hash in block_hashes]
+
     @abstractmethod
     def load(
         self, block_hashes: Sequence[BlockHash], token_ids: Sequence[Sequence[int]]

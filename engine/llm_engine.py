@@ -11,22 +11,21 @@ from typing import Any
 
 import torch
 
-from engine.block_pool import BlockHash, KVBlock
 from engine.config import EngineConfig, GiB
-from engine.detokenizer import IncrementalDetokenizer, TextOutput
+from engine.detokenizer import Detokenizer, TextOutput, new_detokenizer
 from engine.errors import InvalidRequestError
 from engine.fingerprint import model_fingerprint
 from engine.kv_cache_manager import KVCacheManager
 from engine.kv_store import KVStore
 from engine.model_loader import LoadedModel
 from engine.model_runner import KV_LAYOUT, ModelRunner, kv_shape_of
+from engine.offload_manager import OffloadManager
 from engine.outputs import RequestOutput, TokenLogprob
 from engine.request import Request, RequestStatus
 from engine.sampler import SamplingRow, sample
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.step_inputs import SeqChunk
-from kernels import ops
 
 
 @dataclass
@@ -34,7 +33,7 @@ class _RequestState:
     """Per-request state that lives outside the scheduler: text and RNG."""
 
     request: Request
-    detokenizer: IncrementalDetokenizer
+    detokenizer: Detokenizer
     text: TextOutput
     generator: torch.Generator | None
 
@@ -45,7 +44,8 @@ class LLMEngine:
     With a ``kv_store`` (host memory / Redis tiers), waiting requests first restore the blocks
     of their prefix that the store holds (so they are not recomputed), preempted requests
     swap their full blocks out to it, and pinned contexts are offloaded to it before their
-    pins are released under memory pressure.
+    pins are released under memory pressure. Pins and that store traffic belong to one
+    ``OffloadManager`` (``self.offload``); the methods below are the engine's surface for them.
     """
 
     def __init__(
@@ -81,17 +81,14 @@ class LLMEngine:
         self.kv_manager = KVCacheManager(
             num_blocks, block_size, self.config.enable_prefix_caching, self.fingerprint.encode()
         )
-        self.kv_store = kv_store
+        self.offload = OffloadManager(self.kv_manager, self.runner.kv_cache, kv_store)
         self.scheduler = Scheduler(
             self.kv_manager,
             self.config.max_num_batched_tokens,
             self.config.max_num_seqs,
-            reclaim=self._reclaim_pins,
-            on_preempt=self._swap_out,
+            reclaim=self.offload.reclaim,
+            on_preempt=self.offload.swap_out,
         )
-        self.num_restored_tokens = 0  # tokens brought back from the store instead of recomputed
-        self.num_saved_tokens = 0  # tokens written to the store
-        self.num_pins_reclaimed = 0
         model_max = getattr(loaded.config, "max_position_embeddings", None) or 1 << 30
         self.max_model_len = min(
             self.config.max_model_len or model_max, model_max, num_blocks * block_size
@@ -99,7 +96,6 @@ class LLMEngine:
         self.eos_token_ids = loaded.eos_token_ids()
         self.vocab_size = int(loaded.config.vocab_size)
         self._states: dict[str, _RequestState] = {}
-        self._pinned_tokens: dict[str, tuple[list[int], str]] = {}
         self.num_steps = 0
 
     def _num_blocks(self, bytes_per_block: int) -> int:
@@ -154,7 +150,7 @@ class LLMEngine:
             generator = torch.Generator(device=self.runner.device).manual_seed(params.seed)
         self._states[request_id] = _RequestState(
             request,
-            IncrementalDetokenizer(self.tokenizer, token_ids),
+            new_detokenizer(self.tokenizer, token_ids),
             TextOutput(params.stop, params.include_stop_str_in_output),
             generator,
         )
@@ -189,9 +185,12 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Run one scheduler step and return an output for every request that sampled."""
-        prefetch_pins = self._restore_waiting_prefixes()
+        free_slots = max(0, self.config.max_num_seqs - len(self.scheduler.running))
+        restoring = list(self.scheduler.waiting)[:free_slots]
+        restored = self.offload.restore_waiting_prefixes(restoring)
         schedule = self.scheduler.schedule()
-        self.kv_manager.pool.free(prefetch_pins)
+        self.offload.release(restored)
+        self.offload.write_back_evicted()  # before the forward pass overwrites them
         if not schedule.scheduled:
             return []
         chunks = [
@@ -270,132 +269,68 @@ class LLMEngine:
             return RequestStatus.FINISHED_LENGTH
         return None
 
+    # -- lower tiers and pins (see ``engine.offload_manager``) ---------------------------------
+
+    @property
+    def kv_store(self) -> KVStore | None:
+        return self.offload.store
+
     def attach_kv_store(self, kv_store: KVStore | None) -> None:
         """Set (or remove) the lower-tier store; stores key blocks by ``self.fingerprint``."""
-        self.kv_store = kv_store
-
-    # -- lower tiers ---------------------------------------------------------------------------
-
-    def _restore_waiting_prefixes(self) -> list[KVBlock]:
-        """Load store-held prefix blocks of the requests about to be admitted into the pool.
-
-        The loaded blocks are cached and referenced until the caller frees the returned list
-        (right after scheduling), so admission finds them as ordinary prefix hits.
-        """
-        if self.kv_store is None:
-            return []
-        free_slots = self.config.max_num_seqs - len(self.scheduler.running)
-        pins: list[KVBlock] = []
-        for request in list(self.scheduler.waiting)[: max(0, free_slots)]:
-            pins += self._restore_prefix(request)
-        return pins
-
-    def _restore_prefix(self, request: Request) -> list[KVBlock]:
-        assert self.kv_store is not None
-        block_size = self.config.block_size
-        max_blocks = (request.num_tokens - 1) // block_size
-        hashes = self.kv_manager.block_hashes(request)[:max_blocks]
-        start = len(self.kv_manager.cached_prefix(request.all_token_ids, hashes))
-        num_blocks = self.kv_store.lookup(hashes[start:])
-        if num_blocks > self.kv_manager.num_free_blocks:
-            self._reclaim_pins(num_blocks)  # paused contexts make room for a resuming one
-        num_blocks = min(num_blocks, self.kv_manager.num_free_blocks)
-        if num_blocks == 0:
-            return []
-        tokens = [
-            request.all_token_ids[idx * block_size : (idx + 1) * block_size]
-            for idx in range(start, start + num_blocks)
-        ]
-        staged = self.kv_store.load(hashes[start : start + num_blocks], tokens)
-        if staged is None:
-            return []
-        blocks = self.kv_manager.pool.allocate(num_blocks)
-        assert blocks is not None
-        block_ids = torch.tensor([block.block_id for block in blocks])
-        ops.scatter_blocks(self.runner.kv_cache, block_ids, staged)
-        for block, block_hash, block_tokens in zip(
-            blocks, hashes[start : start + num_blocks], tokens, strict=True
-        ):
-            self.kv_manager.pool.cache_block(block, block_hash, block_tokens)
-        request.num_restored_tokens += num_blocks * block_size
-        self.num_restored_tokens += num_blocks * block_size
-        return blocks
-
-    def _save_blocks(
-        self, blocks: list[KVBlock], hashes: list[BlockHash], token_ids: list[int]
-    ) -> None:
-        """Write device blocks (the full blocks of ``token_ids``) to the store, skipping the
-        leading ones it already holds."""
-        if self.kv_store is None or not blocks:
-            return
-        skip = self.kv_store.lookup(hashes[: len(blocks)])
-        blocks, hashes = blocks[skip:], hashes[skip : len(blocks)]
-        if not blocks:
-            return
-        block_size = self.config.block_size
-        tokens = [
-            token_ids[(skip + i) * block_size : (skip + i + 1) * block_size]
-            for i in range(len(blocks))
-        ]
-        block_ids = torch.tensor([block.block_id for block in blocks])
-        staged = ops.gather_blocks(self.runner.kv_cache, block_ids).cpu()
-        self.kv_store.save(hashes, tokens, staged)
-        self.num_saved_tokens += len(blocks) * block_size
-
-    def _swap_out(self, request: Request) -> None:
-        """Before a preempted request's blocks are freed: keep its full blocks in the store."""
-        num_full = request.num_computed_tokens // self.config.block_size
-        table = self.kv_manager.block_tables.get(request.request_id, [])[:num_full]
-        self._save_blocks(table, self.kv_manager.block_hashes(request), request.all_token_ids)
-
-    def _reclaim_pins(self, num_blocks_needed: int) -> bool:
-        """Release pins, least recently pinned first, until ``num_blocks_needed`` blocks are
-        free or no pin is left; pinned blocks go to the store first. True if any was released."""
-        released = False
-        while self.kv_manager.pins and self.kv_manager.num_free_blocks < num_blocks_needed:
-            owner_id = next(iter(self.kv_manager.pins))
-            self.offload_pin(owner_id)
-            released = True
-            self.num_pins_reclaimed += 1
-        return released
-
-    # -- pins: contexts kept on the device between requests (used by sessions) ----------------
+        self.offload.store = kv_store
 
     def pin_tokens(self, owner_id: str, token_ids: list[int], cache_salt: str = "") -> int:
-        """Pin the device-cached full blocks of ``token_ids`` for ``owner_id`` (replacing its
-        previous pin); returns how many tokens are pinned."""
-        hashes = self.kv_manager.hashes_for_tokens(token_ids, cache_salt)
-        blocks = self.kv_manager.cached_prefix(token_ids, hashes)
-        self.kv_manager.pin(owner_id, blocks)
-        self._pinned_tokens[owner_id] = (list(token_ids), cache_salt)
-        return len(blocks) * self.config.block_size
+        """Keep the device-cached full blocks of ``token_ids`` for ``owner_id`` (replacing its
+        previous pin) until ``unpin``/``offload_pin`` or memory pressure; returns tokens pinned."""
+        return self.offload.pin_tokens(owner_id, token_ids, cache_salt)
 
     def unpin(self, owner_id: str) -> None:
         """Release the owner's pin; its blocks stay cached until the pool evicts them."""
-        self.kv_manager.unpin(owner_id)
-        self._pinned_tokens.pop(owner_id, None)
+        self.offload.unpin(owner_id)
 
     def offload_pin(self, owner_id: str) -> None:
         """Write the owner's pinned blocks to the store (if any), then release the pin."""
-        token_ids, cache_salt = self._pinned_tokens.get(owner_id, ([], ""))
-        blocks = self.kv_manager.pins.get(owner_id, [])
-        hashes = self.kv_manager.hashes_for_tokens(token_ids, cache_salt)
-        self._save_blocks(list(blocks), hashes, token_ids)
-        self.unpin(owner_id)
+        self.offload.offload_pin(owner_id)
+
+    def is_pinned(self, owner_id: str) -> bool:
+        """Whether ``owner_id`` still holds a pin (memory pressure may have released it)."""
+        return self.offload.is_pinned(owner_id)
+
+    def pinned_owner_ids(self) -> list[str]:
+        """Owners holding a pin, least recently pinned first."""
+        return list(self.offload.pins)
 
     def save_tokens(self, token_ids: list[int], cache_salt: str = "") -> int:
         """Write the device-cached full blocks of ``token_ids`` to the store; returns tokens."""
-        hashes = self.kv_manager.hashes_for_tokens(token_ids, cache_salt)
-        blocks = self.kv_manager.cached_prefix(token_ids, hashes)
-        self._save_blocks(blocks, hashes, token_ids)
-        return len(blocks) * self.config.block_size
+        return self.offload.save_tokens(token_ids, cache_salt)
 
     def cached_tokens(self, token_ids: list[int], cache_salt: str = "") -> tuple[int, int]:
         """(tokens of ``token_ids`` cached on the device, tokens then held by the store)."""
-        hashes = self.kv_manager.hashes_for_tokens(token_ids, cache_salt)
-        on_device = len(self.kv_manager.cached_prefix(token_ids, hashes))
-        in_store = self.kv_store.lookup(hashes[on_device:]) if self.kv_store is not None else 0
-        return on_device * self.config.block_size, in_store * self.config.block_size
+        return self.offload.cached_tokens(token_ids, cache_salt)
+
+    @property
+    def num_restored_tokens(self) -> int:
+        """Tokens brought back from the store instead of recomputed, since start."""
+        return self.offload.num_restored_tokens
+
+    @property
+    def num_saved_tokens(self) -> int:
+        """Tokens written to the store, since start."""
+        return self.offload.num_saved_tokens
+
+    # -- pool --------------------------------------------------------------------------------
+
+    @property
+    def num_kv_blocks(self) -> int:
+        return self.kv_manager.num_blocks
+
+    def kv_usage(self) -> float:
+        """Fraction of the device pool's blocks referenced by requests or pins."""
+        return self.kv_manager.usage()
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every unreferenced cached block (benchmarks and tests)."""
+        self.kv_manager.reset_prefix_cache()
 
     # -- conveniences ------------------------------------------------------------------------
 
@@ -413,7 +348,7 @@ class LLMEngine:
         return [merged[request_id] for request_id in ids]
 
     def check_integrity(self) -> None:
-        self.scheduler.check_integrity()
+        self.scheduler.check_integrity(self.offload.pinned_block_lists())
         live = {r.request_id for r in (*self.scheduler.running, *self.scheduler.waiting)}
         assert live == set(self._states), "engine request states drifted from the scheduler"
 

@@ -10,9 +10,10 @@ cache until evicted) and it goes back to the head of the waiting queue to be rec
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from typing import NamedTuple
 
+from engine.block_pool import KVBlock
 from engine.kv_cache_manager import KVCacheManager
 from engine.request import Request, RequestStatus
 
@@ -104,9 +105,9 @@ class Scheduler:
         return True
 
     def _blocks_needed(self, request: Request, num_new: int) -> int:
-        block_size = self.kv_manager.block_size
-        held = len(self.kv_manager.block_tables.get(request.request_id, []))
-        return -(-(request.num_computed_tokens + num_new) // block_size) - held
+        num_tokens = request.num_computed_tokens + num_new
+        held = self.kv_manager.num_blocks_held(request.request_id)
+        return self.kv_manager.num_blocks_for(num_tokens) - held
 
     def _admit_waiting(self, budget: int, scheduled: list[ScheduledRequest]) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
@@ -114,7 +115,7 @@ class Scheduler:
             computed_blocks, num_cached = self.kv_manager.get_computed_blocks(request)
             num_new = min(request.num_tokens - num_cached, budget)
             while not self.kv_manager.allocate_slots(request, num_new, computed_blocks):
-                needed = -(-(num_cached + num_new) // self.kv_manager.block_size)
+                needed = self.kv_manager.num_blocks_for(num_cached + num_new)
                 if self.reclaim is None or not self.reclaim(needed - len(computed_blocks)):
                     return
             self.waiting.popleft()
@@ -156,23 +157,18 @@ class Scheduler:
         request.status = status
         self.kv_manager.free(request.request_id)
 
-    def find(self, request_id: str) -> Request | None:
-        for request in (*self.running, *self.waiting):
-            if request.request_id == request_id:
-                return request
-        return None
-
-    def check_integrity(self) -> None:
-        """Block-manager invariants plus: running requests own blocks, waiting ones own none
-        unless preempted-and-readmitted bookkeeping says otherwise."""
-        self.kv_manager.check_integrity()
+    def check_integrity(self, held: Iterable[Sequence[KVBlock]] = ()) -> None:
+        """Block-manager invariants (``held``: block lists referenced outside the tables, as
+        in ``KVCacheManager.check_integrity``) plus: running requests own enough blocks for
+        their computed tokens, waiting ones own none."""
+        self.kv_manager.check_integrity(held)
         assert len(self.running) <= self.max_num_seqs, "too many running requests"
         for request in self.running:
             assert request.status is RequestStatus.RUNNING, f"{request.request_id} not RUNNING"
-            num_blocks = len(self.kv_manager.block_tables.get(request.request_id, []))
-            needed = -(-request.num_computed_tokens // self.kv_manager.block_size)
+            num_blocks = self.kv_manager.num_blocks_held(request.request_id)
+            needed = self.kv_manager.num_blocks_for(request.num_computed_tokens)
             assert num_blocks >= needed, f"{request.request_id} holds too few blocks"
         for request in self.waiting:
-            assert request.request_id not in self.kv_manager.block_tables, (
+            assert self.kv_manager.num_blocks_held(request.request_id) == 0, (
                 f"waiting request {request.request_id} still holds blocks"
             )

@@ -171,6 +171,34 @@ class SessionManager:
     def sessions_of(self, owner: str) -> list[Session]:
         return [s for s in self._sessions.values() if s.owner == owner]
 
+    def update(
+        self,
+        session: Session,
+        *,
+        instructions: str | None = None,
+        tools: list[dict[str, Any]] | None = None,
+        settings: dict[str, Any] | None = None,
+    ) -> None:
+        """Change an idle session's system instructions (replacing the leading system message,
+        or inserting one), its tools, and/or top-level ``settings`` keys; then persist it.
+
+        The KV after the first changed token is simply not reused by the next turn (its prompt
+        is re-rendered and compared token by token). Raises like ``append``; on error nothing
+        changes."""
+        self._require_idle(session)
+        self._confirm_ownership(session)
+        if instructions is not None:
+            system = {"role": "system", "content": instructions}
+            if session.messages and session.messages[0]["role"] == "system":
+                session.messages[0] = system
+            else:
+                session.messages.insert(0, system)
+        if tools is not None:
+            session.tools = list(tools)
+        if settings:
+            session.settings.update(settings)
+        self.records.save(session.to_record())
+
     def append(self, session: Session, items: list[dict[str, Any]]) -> None:
         """Add messages (``{"role", "content"}``; tool results use role ``tool``)."""
         self._require_idle(session)
@@ -313,7 +341,7 @@ class SessionManager:
         decision = self.policy.decide(
             len(context),
             self.policy.expected_pause_s(waiting_for_tool),
-            self.llm.kv_manager.usage(),
+            self.llm.kv_usage(),
         )
         self.engine.run_exclusive(
             self._place_kv, session.session_id, context, session.cache_salt, decision
@@ -363,7 +391,7 @@ class SessionManager:
         offloaded = []
         for session in paused:
             expired = session.keep_until <= now
-            pressure = self.llm.kv_manager.usage() >= self.policy.pressure_threshold
+            pressure = self.llm.kv_usage() >= self.policy.pressure_threshold
             if expired or pressure:
                 self.offload(session)
                 offloaded.append(session.session_id)
@@ -390,9 +418,7 @@ class SessionManager:
 
     def _refresh_state(self, session: Session) -> None:
         """A pin the engine released under pressure turns a PAUSED session OFFLOADED."""
-        if session.state is SessionState.PAUSED and (
-            session.session_id not in self.llm.kv_manager.pins
-        ):
+        if session.state is SessionState.PAUSED and (not self.llm.is_pinned(session.session_id)):
             session.transition(SessionState.OFFLOADED)
 
     def _require_idle(self, session: Session) -> None:
@@ -404,7 +430,7 @@ class SessionManager:
     def check_integrity(self) -> None:
         """Every engine pin belongs to a live session; engine invariants hold."""
         self.engine.run_exclusive(self.llm.check_integrity)
-        for owner_id in self.llm.kv_manager.pins:
+        for owner_id in self.llm.pinned_owner_ids():
             session = self._sessions.get(owner_id)
             assert session is not None, f"pin held for unknown session {owner_id}"
             assert session.state is not SessionState.CLOSED, f"closed session {owner_id} pinned"

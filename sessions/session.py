@@ -21,7 +21,7 @@ from sessions.errors import SessionBusyError, SessionClosedError
 
 class SessionState(enum.Enum):
     ACTIVE = "active"  # a response is being generated
-    PAUSED = "paused"  # waiting for the client; KV pinned on the device
+    PAUSED = "paused"  # waiting for the client; its KV (none yet when new) pinned on the device
     OFFLOADED = "offloaded"  # waiting; KV released from the device (host / Redis / recompute)
     CLOSED = "closed"
 

@@ -97,4 +97,4 @@ def fresh_recompute(
 def drop_device_cache(stack: Stack, session: Session) -> None:
     """Release the session's pin and forget every cached block on the device."""
     stack.runner.run_exclusive(stack.engine.unpin, session.session_id)
-    stack.runner.run_exclusive(stack.engine.kv_manager.pool.reset_prefix_cache)
+    stack.runner.run_exclusive(stack.engine.reset_prefix_cache)

@@ -61,11 +61,12 @@ def test_max_num_seqs_limits_admission():
     assert [r.request_id for r in scheduler.waiting] == ["c"]
 
 
-def test_finish_waiting_request_and_find():
+def test_finish_waiting_request():
     scheduler = make_scheduler()
     request = Request("a", [1, 2, 3], SamplingParams())
     scheduler.add_request(request)
-    assert scheduler.find("a") is request
+    assert list(scheduler.waiting) == [request]
     scheduler.finish(request, RequestStatus.FINISHED_ABORTED)
-    assert scheduler.find("a") is None and not scheduler.has_unfinished_requests()
+    assert not scheduler.waiting and not scheduler.has_unfinished_requests()
+    assert request.status is RequestStatus.FINISHED_ABORTED
     scheduler.check_integrity()

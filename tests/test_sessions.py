@@ -64,7 +64,18 @@ def _two_turns(stack, tiny, between=None):
 
 
 def test_resume_after_pause_keeps_kv_on_device(stack, tiny):
-    session, history = _two_turns(stack, tiny)
+    def forget_unpinned_blocks(session):
+        # A tool pause keeps the context pinned: only the pin can keep its KV on the device.
+        assert session.state is SessionState.PAUSED
+        assert stack.engine.is_pinned(session.session_id)
+        stack.runner.run_exclusive(stack.engine.reset_prefix_cache)
+
+    session = stack.manager.create("alice", instructions=SYSTEM)
+    run_turn(stack, session, "Tell me about tea.", waiting_for_tool=True)
+    history = len(session.token_ids)
+    forget_unpinned_blocks(session)
+    produced = run_turn(stack, session, "And coffee?")
+    assert produced == fresh_recompute(tiny, last_prompt(session))
     assert session.last_usage.cached_tokens >= _history_full_block_tokens(history)
     assert session.last_usage.restored_tokens == 0
 
@@ -127,7 +138,7 @@ def test_fork_shares_blocks_and_children_diverge(stack, tiny):
     run_turn(stack, parent, "Tell me about tea.", waiting_for_tool=True)
     assert parent.state is SessionState.PAUSED
     child = stack.manager.fork(parent)
-    pins = stack.engine.kv_manager.pins
+    pins = {owner_id: pin.blocks for owner_id, pin in stack.engine.offload.pins.items()}
     shared = {b.block_id for b in pins[parent.session_id]} & {
         b.block_id for b in pins[child.session_id]
     }
@@ -279,7 +290,8 @@ def test_prefix_sharing_32_sessions_hold_a_shared_prompt_once(tiny):
         assert shared_len >= 1000
         shared_blocks = shared_len // BLOCK
         unique_blocks = sum((len(s.token_ids) - shared_blocks * BLOCK) // BLOCK for s in sessions)
-        used = {b.block_id for blocks in stack.engine.kv_manager.pins.values() for b in blocks}
+        pins = stack.engine.offload.pins.values()
+        used = {b.block_id for pin in pins for b in pin.blocks}
         assert len(used) <= shared_blocks + unique_blocks + len(sessions)
         assert sessions[-1].last_usage.cached_tokens >= shared_blocks * BLOCK
     finally:

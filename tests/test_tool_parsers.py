@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from tools.parsers import parse_hermes, parse_llama3_json, parse_mistral, parse_tool_calls
+from tests.tool_parsing import parse_tool_calls
 from tools.streaming_parser import StreamingToolParser
 from tools.tool_call import TextDelta, ToolCallDone, ToolCallFormat, ToolParserEvent
 
@@ -136,9 +136,11 @@ def test_plain_text_is_untouched(format: ToolCallFormat) -> None:
 
 
 def test_format_shortcuts() -> None:
-    assert parse_hermes('<tool_call>{"name": "f"}</tool_call>').tool_calls[0].name == "f"
-    assert parse_llama3_json('{"name": "g", "parameters": {}}').tool_calls[0].name == "g"
-    assert parse_mistral('[TOOL_CALLS][{"name": "h"}]').tool_calls[0].name == "h"
+    hermes = parse_tool_calls('<tool_call>{"name": "f"}</tool_call>', "hermes")
+    assert hermes.tool_calls[0].name == "f"
+    llama3 = parse_tool_calls('{"name": "g", "parameters": {}}', "llama3_json")
+    assert llama3.tool_calls[0].name == "g"
+    assert parse_tool_calls('[TOOL_CALLS][{"name": "h"}]', "mistral").tool_calls[0].name == "h"
 
 
 ALL_CASES = [(f, o) for f, o, _, _ in RECORDED] + MALFORMED + [("hermes", PLAIN)]
@@ -195,7 +197,6 @@ def test_feed_after_finish_is_an_error() -> None:
 
 
 def test_hermes_closing_tag_inside_a_json_string_does_not_end_the_call():
-    from tools.parsers import parse_tool_calls
 
     text = (
         '<tool_call>{"name": "python", "arguments": '

@@ -9,12 +9,11 @@ from typing import Any
 import pytest
 
 from engine.model_loader import load_model
-from tools.parsers import parse_hermes
+from tests.tool_parsing import parse_tool_calls
 from tools.render import (
     ToolSchemaError,
     apply_chat_template_with_tools,
     prepare_tool_prompt,
-    render_messages_with_tools,
     template_renders_tool_turns,
     template_renders_tools,
     tool_call_format,
@@ -99,7 +98,7 @@ def test_smollm2_template_does_not_render_tools(tokenizer: Any) -> None:
 
 def test_tools_go_into_a_hermes_system_block(tokenizer: Any) -> None:
     messages = [{"role": "user", "content": "Weather in Paris?"}]
-    rendered = render_messages_with_tools(tokenizer, messages, [WEATHER_TOOL])
+    rendered = prepare_tool_prompt(tokenizer, messages, [WEATHER_TOOL]).messages
     assert rendered[1:] == messages and rendered[0]["role"] == "system"
     system = rendered[0]["content"]
     schemas = system.split("<tools>\n", 1)[1].split("\n</tools>", 1)[0]
@@ -113,7 +112,7 @@ def test_tools_go_into_a_hermes_system_block(tokenizer: Any) -> None:
 
 def test_existing_system_message_keeps_its_text(tokenizer: Any) -> None:
     messages = [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Hi"}]
-    rendered = render_messages_with_tools(tokenizer, messages, [WEATHER_TOOL])
+    rendered = prepare_tool_prompt(tokenizer, messages, [WEATHER_TOOL]).messages
     assert len(rendered) == 2 and rendered[0]["content"].startswith("Be terse.\n\n# Tools")
     assert messages[0]["content"] == "Be terse."
 
@@ -125,11 +124,11 @@ def test_no_tools_changes_nothing(tokenizer: Any) -> None:
 
 
 def test_tool_calls_and_results_become_hermes_text(tokenizer: Any) -> None:
-    rendered = render_messages_with_tools(tokenizer, CONVERSATION, [WEATHER_TOOL])
+    rendered = prepare_tool_prompt(tokenizer, CONVERSATION, [WEATHER_TOOL]).messages
     assert [m["role"] for m in rendered] == ["system", "user", "assistant", "user"]
     assistant = rendered[2]["content"]
     assert assistant.startswith("Checking.\n<tool_call>\n")
-    parsed = parse_hermes(assistant)  # what we render is what the parser reads back
+    parsed = parse_tool_calls(assistant, "hermes")  # what we render is what the parser reads back
     assert parsed.text == "Checking."
     assert [json.loads(c.arguments_json)["city"] for c in parsed.tool_calls] == ["Paris", "Rome"]
     responses = rendered[3]["content"].split("\n</tool_response>\n")

@@ -28,7 +28,7 @@ Failure behaviour:
   ``ToolSchemaError`` (an ``InvalidRequestError``) before anything is submitted;
 - if ``max_tokens`` runs out first, the text is a truncated prefix of a call, and
   ``parse_forced_tool_call`` reports it with ``complete=False`` (the Hermes parser in
-  ``tools.parsers`` returns it as plain text with no call);
+  the tool-call parser returns it as plain text with no call);
 - if the output leaves the grammar anyway (``ignore_eos`` after the call, or tokens the
   processor did not allow), the processor stops constraining and passes logits through; the
   parse of such text may fail (``complete=False``).

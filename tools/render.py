@@ -212,17 +212,6 @@ def prepare_tool_prompt(
     return ToolPrompt(add_tools_to_system_message(messages, tools), None)
 
 
-def render_messages_with_tools(
-    tokenizer: Any, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None
-) -> list[dict[str, Any]]:
-    """The messages to pass to ``apply_chat_template``.
-
-    When the template renders tools itself, also pass ``tools=`` (``prepare_tool_prompt``
-    says which; ``apply_chat_template_with_tools`` does both).
-    """
-    return prepare_tool_prompt(tokenizer, messages, tools).messages
-
-
 def apply_chat_template_with_tools(
     tokenizer: Any,
     messages: list[dict[str, Any]],

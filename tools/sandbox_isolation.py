@@ -47,15 +47,6 @@ class SandboxIsolation:
         """``"netns"`` (own network namespace) or ``"socket-blocked"`` (monkeypatch)."""
         return "netns" if self.unshare_path else "socket-blocked"
 
-    @property
-    def filesystem_mode(self) -> str:
-        """``"read-only-mounts"`` (all but the workdir) or ``"permissions"`` (uid + modes)."""
-        return "read-only-mounts" if self.unshare_path else "permissions"
-
-    @property
-    def contains_fork_bombs(self) -> bool:
-        return self.separate_uid
-
 
 def detect_isolation() -> SandboxIsolation:
     """Probe this machine: namespaces need root and an ``unshare`` that actually works."""

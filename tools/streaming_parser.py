@@ -20,7 +20,7 @@ Contract:
   call, whitespace that may precede a call) is held back until it is decided, so emitted text
   is never retracted. ``finish()`` flushes everything.
 - The concatenated events do not depend on how the text was split into deltas; the
-  non-streaming ``tools.parsers.parse_tool_calls`` is ``feed(all) + finish()``.
+  non-streaming parsing is ``feed(all) + finish()``.
 """
 
 from __future__ import annotations

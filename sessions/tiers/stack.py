@@ -75,7 +75,7 @@ class TieredKVStore(KVTier):
         for tier_idx, tier in enumerate(self.tiers):
             if not missing:
                 break
-            present = _contains(tier, [block_hashes[i] for i in missing])
+            present = tier.contains([block_hashes[i] for i in missing])
             for block_idx, is_present in zip(missing, present, strict=True):
                 if is_present:
                     sources[block_idx] = tier_idx
@@ -97,12 +97,6 @@ class TieredKVStore(KVTier):
             self._num_promoted += len(block_hashes) if source_idx else 0
             return part
         return None
-
-
-def _contains(tier: KVStore, block_hashes: Sequence[BlockHash]) -> list[bool]:
-    if isinstance(tier, KVTier):
-        return tier.contains(block_hashes)
-    return [tier.lookup([block_hash]) == 1 for block_hash in block_hashes]
 
 
 def _runs(sources: Sequence[int | None]) -> Iterator[tuple[int, int, int]]:

@@ -1,0 +1,105 @@
+"""Tiers serve every request: a cached block the device pool evicts is written back to the KV
+store, and a later plain request (no session) restores its prefix from there — in this engine
+or in another instance sharing Redis — token-identical to a fresh recompute."""
+
+from __future__ import annotations
+
+import pytest
+import redis
+
+from engine.llm_engine import LLMEngine
+from engine.model_loader import load_model
+from sessions.tiers import HostKVStore, RedisKVStore
+from tests.helpers import greedy, hf_greedy, make_engine, mixed_prompts
+
+BLOCK = 16
+NUM_BLOCKS = 14  # room for one ~180-token request at a time: the next one evicts the last
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_model_dirs):
+    return tiny_model_dirs["llama"]
+
+
+@pytest.fixture(scope="module")
+def tiny(model_dir):
+    return load_model(str(model_dir), dtype="float32", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    return mixed_prompts(21, 3, 170, 180)  # the first, and two that evict it
+
+
+@pytest.fixture(scope="module")
+def expected(model_dir, prompts):
+    return hf_greedy(model_dir, [prompts[0]], 6)[0]
+
+
+def run_one(engine: LLMEngine, prompt: list[int], request_id: str) -> tuple[list[int], int, int]:
+    """(output tokens, cached prompt tokens, restored prompt tokens) of one plain request."""
+    engine.add_request(request_id, prompt, greedy(6))
+    tokens: list[int] = []
+    cached = restored = 0
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            tokens += out.new_token_ids
+            cached, restored = out.num_cached_tokens, out.num_restored_tokens
+    return tokens, cached, restored
+
+
+def test_evicted_blocks_come_back_from_the_host_tier(tiny, prompts, expected):
+    first, evictor, _ = prompts
+    engine = make_engine(tiny, num_kv_blocks=NUM_BLOCKS)
+    engine.attach_kv_store(HostKVStore(capacity_bytes=64 << 20))
+    assert run_one(engine, first, "a")[0] == expected
+    assert engine.num_saved_tokens == 0  # nothing left the device yet
+    run_one(engine, evictor, "b")  # needs the blocks `first` left cached: they are evicted
+    assert engine.num_saved_tokens >= (len(first) // BLOCK - 2) * BLOCK
+    tokens, cached, restored = run_one(engine, first, "a2")
+    assert tokens == expected
+    reusable = (len(first) - 1) // BLOCK * BLOCK
+    assert restored > 0 and cached == reusable
+    engine.check_integrity()
+
+
+def test_write_back_happens_once_per_content_hash(tiny, prompts):
+    first, evictor, _ = prompts
+    engine = make_engine(tiny, num_kv_blocks=NUM_BLOCKS)
+    engine.attach_kv_store(HostKVStore(capacity_bytes=64 << 20))
+    for round_idx in range(2):  # each round evicts the other request's blocks
+        run_one(engine, first, f"a{round_idx}")
+        run_one(engine, evictor, f"b{round_idx}")
+    # every full block of both (prompt + 6 output tokens) is now in the store, written once
+    unique_tokens = sum((len(prompt) + 6) // BLOCK * BLOCK for prompt in (first, evictor))
+    assert engine.num_saved_tokens <= unique_tokens
+    saved = engine.num_saved_tokens
+    run_one(engine, first, "a2")
+    run_one(engine, evictor, "b2")
+    assert engine.num_saved_tokens == saved  # evicted again, but the store already has them
+
+
+def test_another_instance_restores_evicted_blocks_from_redis(tiny, prompts, expected, redis_server):
+    first, evictor, second_evictor = prompts
+    redis.Redis.from_url(redis_server).flushall()
+
+    def instance() -> LLMEngine:
+        engine = make_engine(tiny, num_kv_blocks=NUM_BLOCKS)
+        store = RedisKVStore(
+            redis.Redis.from_url(redis_server),
+            engine.fingerprint,
+            dtype=tiny.dtype,
+            block_shape=engine.kv_block_shape,
+        )
+        engine.attach_kv_store(store)
+        return engine
+
+    first_instance = instance()
+    run_one(first_instance, first, "a")
+    run_one(first_instance, evictor, "b")
+    run_one(first_instance, second_evictor, "c")  # now no block of `first` is on the device
+    assert first_instance.num_saved_tokens >= (len(first) // BLOCK) * BLOCK
+    second_instance = instance()
+    tokens, cached, restored = run_one(second_instance, first, "a")
+    assert tokens == expected
+    assert restored == cached == (len(first) - 1) // BLOCK * BLOCK
