@@ -273,10 +273,14 @@ class LLMEngine:
 
     @property
     def kv_store(self) -> KVStore | None:
+        """The lower-tier store (for health and stats: writes may still be in flight; see
+        ``OffloadManager.readable_store``)."""
         return self.offload.store
 
     def attach_kv_store(self, kv_store: KVStore | None) -> None:
-        """Set (or remove) the lower-tier store; stores key blocks by ``self.fingerprint``."""
+        """Set (or remove) the lower-tier store, after the writes to the previous one landed;
+        stores key blocks by ``self.fingerprint``."""
+        self.offload.readable_store()
         self.offload.store = kv_store
 
     def pin_tokens(self, owner_id: str, token_ids: list[int], cache_salt: str = "") -> int:

@@ -18,6 +18,9 @@ reclaimed, preempted requests when swapped out, and any other cached block when 
 evicts it (write-back: ``write_back_evicted``, called before the KV of the evicted blocks is
 overwritten).
 
+Writes run on a ``TransferWorker`` beside the next forward pass; reads wait for the writes
+submitted before them (see ``engine.transfer_worker``).
+
 Not thread-safe: the engine's step loop (or a caller holding the engine's step lock) is the
 only caller.
 """
@@ -33,6 +36,7 @@ from engine.block_pool import BlockHash, KVBlock
 from engine.kv_cache_manager import KVCacheManager
 from engine.kv_store import KVStore
 from engine.request import Request
+from engine.transfer_worker import TransferWorker
 from kernels import ops
 
 
@@ -63,6 +67,7 @@ class OffloadManager:
         self.kv_cache = kv_cache
         self.block_size = kv_manager.block_size
         self.store = kv_store
+        self.transfers = TransferWorker()
         # dict order = least recently pinned first (the first to be reclaimed)
         self.pins: dict[str, Pin] = {}
         self.num_restored_tokens = 0  # tokens brought back from the store instead of recomputed
@@ -70,6 +75,12 @@ class OffloadManager:
         # Evicted cached blocks whose KV is still in place: (block id, hash, tokens).
         self._evicted: list[tuple[int, BlockHash, tuple[int, ...]]] = []
         kv_manager.observe_evictions(self._note_eviction)
+
+    def readable_store(self) -> KVStore | None:
+        """The store, once every write submitted so far has landed in it (None if none)."""
+        if self.store is not None:
+            self.transfers.wait_idle()
+        return self.store
 
     # -- pins ----------------------------------------------------------------------------------
 
@@ -134,7 +145,8 @@ class OffloadManager:
         """(tokens of ``token_ids`` cached on the device, tokens then held by the store)."""
         hashes = self.kv_manager.hashes_for_tokens(token_ids, cache_salt)
         on_device = len(self.kv_manager.cached_prefix(token_ids, hashes))
-        in_store = self.store.lookup(hashes[on_device:]) if self.store is not None else 0
+        store = self.readable_store()
+        in_store = store.lookup(hashes[on_device:]) if store is not None else 0
         return on_device * self.block_size, in_store * self.block_size
 
     def restore_waiting_prefixes(self, requests: Iterable[Request]) -> list[KVBlock]:
@@ -163,24 +175,26 @@ class OffloadManager:
         if not self._evicted:
             return
         evicted, self._evicted = self._evicted, []
-        if self.store is None:
+        store = self.readable_store()
+        if store is None:
             return
-        held = self.store.contains([block_hash for _, block_hash, _ in evicted])
+        held = store.contains([block_hash for _, block_hash, _ in evicted])
         missing = [entry for entry, is_held in zip(evicted, held, strict=True) if not is_held]
         if not missing:
             return
         block_ids = torch.tensor([block_id for block_id, _, _ in missing])
         staged = ops.gather_blocks(self.kv_cache, block_ids).cpu()
         hashes = [block_hash for _, block_hash, _ in missing]
-        self.store.save(hashes, [list(tokens) for _, _, tokens in missing], staged)
+        self.transfers.submit(store.save, hashes, [list(t) for _, _, t in missing], staged)
         self.num_saved_tokens += len(missing) * self.block_size
 
     def _restore_prefix(self, request: Request) -> list[KVBlock]:
-        assert self.store is not None
+        store = self.readable_store()
+        assert store is not None
         max_blocks = (request.num_tokens - 1) // self.block_size
         hashes = self.kv_manager.block_hashes(request)[:max_blocks]
         start = len(self.kv_manager.cached_prefix(request.all_token_ids, hashes))
-        num_blocks = self.store.lookup(hashes[start:])
+        num_blocks = store.lookup(hashes[start:])
         if num_blocks > self.kv_manager.num_free_blocks:
             self.reclaim(num_blocks)  # paused contexts make room for a resuming one
         num_blocks = min(num_blocks, self.kv_manager.num_free_blocks)
@@ -191,7 +205,7 @@ class OffloadManager:
             request.all_token_ids[idx * self.block_size : (idx + 1) * self.block_size]
             for idx in range(start, start + num_blocks)
         ]
-        staged = self.store.load(wanted, tokens)
+        staged = store.load(wanted, tokens)
         if staged is None:
             return []
         blocks = self.kv_manager.import_blocks(wanted, tokens)
@@ -207,9 +221,10 @@ class OffloadManager:
     ) -> None:
         """Write device blocks (the full blocks of ``token_ids``) to the store, skipping the
         leading ones it already holds."""
-        if self.store is None or not blocks:
+        store = self.readable_store()
+        if store is None or not blocks:
             return
-        skip = self.store.lookup(hashes[: len(blocks)])
+        skip = store.lookup(hashes[: len(blocks)])
         blocks, hashes = blocks[skip:], hashes[skip : len(blocks)]
         if not blocks:
             return
@@ -219,5 +234,5 @@ class OffloadManager:
         ]
         block_ids = torch.tensor([block.block_id for block in blocks])
         staged = ops.gather_blocks(self.kv_cache, block_ids).cpu()
-        self.store.save(hashes, tokens, staged)
+        self.transfers.submit(store.save, hashes, tokens, staged)
         self.num_saved_tokens += len(blocks) * self.block_size

@@ -4,11 +4,15 @@ or in another instance sharing Redis — token-identical to a fresh recompute.""
 
 from __future__ import annotations
 
+import operator
+import threading
+
 import pytest
 import redis
 
 from engine.llm_engine import LLMEngine
 from engine.model_loader import load_model
+from engine.transfer_worker import TransferWorker
 from sessions.tiers import HostKVStore, RedisKVStore
 from tests.helpers import greedy, hf_greedy, make_engine, mixed_prompts
 
@@ -103,3 +107,41 @@ def test_another_instance_restores_evicted_blocks_from_redis(tiny, prompts, expe
     tokens, cached, restored = run_one(second_instance, first, "a")
     assert tokens == expected
     assert restored == cached == (len(first) - 1) // BLOCK * BLOCK
+
+
+class RecordingHostStore(HostKVStore):
+    """A real host tier that records which thread each save ran on."""
+
+    def __init__(self) -> None:
+        super().__init__(capacity_bytes=64 << 20)
+        self.save_threads: list[str] = []
+
+    def save(self, block_hashes, token_ids, staged) -> None:
+        self.save_threads.append(threading.current_thread().name)
+        super().save(block_hashes, token_ids, staged)
+
+
+def test_writes_run_on_the_transfer_worker_and_reads_see_them(tiny, prompts, expected):
+    first, evictor, _ = prompts
+    engine = make_engine(tiny, num_kv_blocks=NUM_BLOCKS)
+    store = RecordingHostStore()
+    engine.attach_kv_store(store)
+    run_one(engine, first, "a")
+    run_one(engine, evictor, "b")
+    assert store.save_threads and set(store.save_threads) == {"tarry-kv-transfer"}
+    tokens, _, restored = run_one(engine, first, "a2")  # its restore waits for the writes
+    assert tokens == expected and restored > 0
+
+
+def test_transfer_worker_order_errors_and_wait_idle():
+    worker = TransferWorker(name="test-transfer")
+    done: list[int] = []
+    gate = threading.Event()
+    worker.submit(gate.wait)
+    worker.submit(done.append, 1)
+    worker.submit(operator.truediv, 1, 0)  # raises: logged and dropped, the worker goes on
+    worker.submit(done.append, 2)
+    assert worker.num_pending == 4 and done == []
+    gate.set()
+    worker.wait_idle()
+    assert done == [1, 2] and worker.num_pending == 0

@@ -196,7 +196,11 @@ class ToolCallConstrainer:
         return int(token_ids[0]) if token_ids else None
 
     def compiled_grammar(self, functions: list[FunctionSpec]) -> xgr.CompiledGrammar:
-        """The compiled grammar of one call to any of ``functions`` (cached by content)."""
+        """The compiled grammar of one call to any of ``functions`` (cached by content).
+
+        Our own cache, keyed by the functions, rather than xgrammar's compiler cache (keyed by
+        the grammar text): a hit here costs the key (~0.1-0.4 ms), a hit there also costs
+        building the grammar text (~0.6-0.8 ms), measured with SmolLM2's tokenizer."""
         key = json.dumps([list(f) for f in functions], sort_keys=True)
         compiled = self._compiled.get(key)
         if compiled is None:
