@@ -40,6 +40,7 @@ class KVCacheManager:
         # External references that keep cached blocks on the device (e.g. a paused session's
         # context), by owner id; dict order = least recently pinned first.
         self.pins: dict[str, list[KVBlock]] = {}
+        self._pin_refs: dict[int, int] = {}  # block id -> number of pins holding it
         self.num_prefix_queries = 0
         self.num_prefix_hits = 0  # tokens served by the prefix cache
 
@@ -70,6 +71,14 @@ class KVCacheManager:
                 break
             found.append(block)
         return found
+
+    def num_cached_leading_blocks(self, hashes: Sequence[BlockHash]) -> int:
+        """How many leading ``hashes`` are cached on the device, by hash only (no token check
+        and no stats: for reporting, not for reuse)."""
+        for block_idx, block_hash in enumerate(hashes):
+            if not self.pool.is_cached(block_hash):
+                return block_idx
+        return len(hashes)
 
     def get_computed_blocks(self, request: Request) -> tuple[list[KVBlock], int]:
         """The longest cached prefix of the request, as (blocks, num_tokens).
@@ -150,12 +159,25 @@ class KVCacheManager:
         self.pool.touch(blocks)
         self.unpin(owner_id)
         self.pins[owner_id] = list(blocks)
+        for block in blocks:
+            self._pin_refs[block.block_id] = self._pin_refs.get(block.block_id, 0) + 1
 
     def unpin(self, owner_id: str) -> list[KVBlock]:
         """Drop the owner's pin (its blocks stay cached until evicted); returns the blocks."""
         blocks = self.pins.pop(owner_id, [])
         self.pool.free(list(reversed(blocks)))
+        for block in blocks:
+            count = self._pin_refs[block.block_id] - 1
+            if count:
+                self._pin_refs[block.block_id] = count
+            else:
+                del self._pin_refs[block.block_id]
         return blocks
+
+    @property
+    def num_pinned_blocks(self) -> int:
+        """Distinct blocks held by at least one pin."""
+        return len(self._pin_refs)
 
     def get_block_ids(self, request_id: str) -> list[int]:
         return [block.block_id for block in self.block_tables.get(request_id, [])]
@@ -171,6 +193,11 @@ class KVCacheManager:
     def check_integrity(self) -> None:
         """Pool invariants plus: every referenced block is owned by a table, counts agree."""
         self.pool.check_integrity()
+        pin_refs: dict[int, int] = {}
+        for blocks in self.pins.values():
+            for block in blocks:
+                pin_refs[block.block_id] = pin_refs.get(block.block_id, 0) + 1
+        assert pin_refs == self._pin_refs, "pinned block counts drifted"
         owners: dict[int, int] = {}
         for table in (*self.block_tables.values(), *self.pins.values()):
             for block in table:
