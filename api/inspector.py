@@ -173,6 +173,7 @@ class InspectorHub:
             "interval_s": self.interval_s,
             "sample_ms": round((time.perf_counter() - started) * 1000, 2),
             "engine_lock_ms": round(self.census.last_lock_s * 1000, 3),
+            "engine_lock_wait_ms": round(self.census.last_lock_wait_s * 1000, 1),
             "viewers": len(self.viewers),
         }
         return Snapshot(now, pool_view, tier_views, rows, point, sampler)

@@ -88,6 +88,7 @@ class KVCensus:
         self.redis_refresh_s = redis_refresh_s
         self._memos: dict[str, _Memo] = {}
         self.last_lock_s = 0.0  # how long the latest census held the engine lock
+        self.last_lock_wait_s = 0.0  # how long it waited for it (a step was running)
 
     def tiers(self) -> list[Any]:
         """The engine's KV store's tiers, fastest first ([] without a store)."""
@@ -123,9 +124,9 @@ class KVCensus:
         hashes = {key.session_id: self._hashes(key) for key in sessions}
         for gone in set(self._memos) - set(hashes):
             del self._memos[gone]
-        started = time.perf_counter()
+        asked = time.perf_counter()
         pool, on_device = self.engine.run_exclusive(self._read_device, hashes)
-        self.last_lock_s = time.perf_counter() - started
+        self.last_lock_wait_s = time.perf_counter() - asked - self.last_lock_s
         host = redis = None
         for tier in self.tiers():
             kind = _kind_of(tier)
@@ -145,8 +146,11 @@ class KVCensus:
 
     def _read_device(self, hashes: dict[str, list[BlockHash]]) -> tuple[PoolStats, dict[str, int]]:
         """Under the engine lock: dictionary look-ups only."""
+        started = time.perf_counter()
         on_device = {sid: self.llm.num_device_blocks(h) for sid, h in hashes.items()}
-        return self.llm.pool_stats(), on_device
+        pool = self.llm.pool_stats()
+        self.last_lock_s = time.perf_counter() - started
+        return pool, on_device
 
     def _hashes(self, key: SessionKey) -> list[BlockHash]:
         memo = self._memos.get(key.session_id)

@@ -331,7 +331,7 @@ function renderPlots(now) {
   // Pool: stacked areas of the four block groups.
   const total = points.length ? points[points.length - 1].empty + points[points.length - 1].cached +
     points[points.length - 1].pinned + points[points.length - 1].in_use : 1;
-  const pool = plotFrame($("plot-pool"), now, 140, Math.max(1, total), fmtInt);
+  const pool = plotFrame($("plot-pool"), now, 200, Math.max(1, total), fmtInt);
   const keys = ["in_use", "pinned", "cached", "empty"];
   let lower = points.map(() => 0);
   for (const key of keys) {
