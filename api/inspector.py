@@ -76,6 +76,7 @@ class InspectorHub:
         self._counters: deque[tuple[float, PoolStats, dict[str, TierCounters]]] = deque()
         self._task: asyncio.Task[None] | None = None
         self._last_viewer_left = 0.0
+        self._push_cpu_s = 0.0  # CPU spent rendering views for viewers since the last sample
 
     # -- viewers -----------------------------------------------------------------------------
 
@@ -97,6 +98,10 @@ class InspectorHub:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+
+    def note_push_cpu(self, cpu_s: float) -> None:
+        """Account CPU a viewer's push spent (reported with the next snapshot)."""
+        self._push_cpu_s += cpu_s
 
     def view_for(self, viewer: Viewer) -> dict[str, Any] | None:
         """The latest snapshot as ``viewer`` may see it (None before the first sample)."""
@@ -152,9 +157,12 @@ class InspectorHub:
 
     async def _sample(self) -> Snapshot:
         started = time.perf_counter()
+        loop_cpu = time.thread_time()
         sessions = self.state.sessions.all_sessions()
         keys = [SessionKey(s.session_id, s.token_ids, s.cache_salt) for s in sessions]
-        pool, census, tiers = await asyncio.to_thread(self._take, keys)
+        loop_cpu = time.thread_time() - loop_cpu
+        pool, census, tiers, worker_cpu = await asyncio.to_thread(self._take, keys)
+        loop_cpu -= time.thread_time()
         now, mono = time.time(), time.monotonic()
         rows = [(s.owner, self._row(s, census.get(s.session_id), mono)) for s in sessions]
         tier_views, rates = self._tier_views(mono, pool, tiers)
@@ -169,8 +177,13 @@ class InspectorHub:
             "redis_bytes": _redis_bytes(tiers.get("redis")),
             **{f"hit_{name}": rate for name, rate in rates.items()},
         }
+        loop_cpu += time.thread_time()
+        push_cpu, self._push_cpu_s = self._push_cpu_s, 0.0
         sampler = {
             "interval_s": self.interval_s,
+            # CPU this sample cost (event loop + worker thread), and the pushes since the last
+            "cpu_ms": round((loop_cpu + worker_cpu) * 1000, 3),
+            "push_cpu_ms": round(push_cpu * 1000, 3),
             "sample_ms": round((time.perf_counter() - started) * 1000, 2),
             "engine_lock_ms": round(self.census.last_lock_s * 1000, 3),
             "engine_lock_wait_ms": round(self.census.last_lock_wait_s * 1000, 1),
@@ -180,11 +193,13 @@ class InspectorHub:
 
     def _take(
         self, keys: list[SessionKey]
-    ) -> tuple[PoolStats, dict[str, SessionKV], dict[str, TierCounters]]:
-        """Worker thread: the census (one engine critical section) and the tier counters."""
+    ) -> tuple[PoolStats, dict[str, SessionKV], dict[str, TierCounters], float]:
+        """Worker thread: the census (one engine critical section), the tier counters, and
+        the CPU time they took."""
+        cpu = time.thread_time()
         pool, census = self.census.take(keys)
         tiers = {counters.kind: counters for counters in self.census.tier_counters()}
-        return pool, census, tiers
+        return pool, census, tiers, time.thread_time() - cpu
 
     def _row(self, session: Session, kv: SessionKV | None, mono: float) -> dict[str, Any]:
         usage = session.last_usage

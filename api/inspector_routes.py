@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -186,9 +187,12 @@ async def _push(
             waiter.cancel()
             return
         viewer.wake.clear()
+        cpu = time.thread_time()
         view = hub.view_for(viewer)
-        if view is not None:
+        text = None if view is None else json.dumps(view)
+        hub.note_push_cpu(time.thread_time() - cpu)
+        if text is not None:
             try:
-                await websocket.send_text(json.dumps(view))
+                await websocket.send_text(text)
             except (WebSocketDisconnect, RuntimeError):
                 return

@@ -163,12 +163,17 @@ def summarize(name: str, rounds: list[RoundResult]) -> None:
         sample_ms = [s["sample_ms"] for s in samples]
         lock_ms = [s["engine_lock_ms"] for s in samples]
         wait_ms = [s["engine_lock_wait_ms"] for s in samples]
+        cpu_ms = [s["cpu_ms"] + s["push_cpu_ms"] for s in samples]
         sizes = [n for rnd in rounds for n in rnd.snapshot_bytes]
         print(
             f"{'':>14}  {len(samples)} snapshots: sampled in {statistics.mean(sample_ms):.2f} ms "
             f"mean / {max(sample_ms):.2f} ms max; engine lock held {statistics.mean(lock_ms):.3f} "
             f"ms mean / {max(lock_ms):.3f} ms max (waited for it {statistics.mean(wait_ms):.0f} "
             f"ms mean: the step in flight); {statistics.mean(sizes) / 1024:.1f} KiB per snapshot"
+        )
+        print(
+            f"{'':>14}  server CPU per snapshot (sampling + the viewer's push): "
+            f"{statistics.mean(cpu_ms):.2f} ms mean / {max(cpu_ms):.2f} ms max"
         )
 
 

@@ -270,3 +270,21 @@ def test_without_keys_only_loopback_clients_reach_the_inspector(open_server, key
         assert "script-src 'self'" in page.headers["content-security-policy"]
         assert client.get("/ui/static/inspector.js").status_code == 200
         assert client.get("/ui/static/../state.py").status_code == 404
+
+
+def test_viewers_share_one_snapshot_per_second(keyed_server):
+    """Two pages open: the server samples once per interval for both, not once per viewer."""
+    base_url, _ = keyed_server
+    first, second = _channel(base_url, KEY_A), _channel(base_url, KEY_B)
+    for ws in (first, second):
+        assert json.loads(ws.recv(timeout=20))["type"] == "welcome"
+    seen_first = [_next_snapshot(first) for _ in range(5)]
+    seen_second = [_next_snapshot(second) for _ in range(3)]
+    times_first = [s["time"] for s in seen_first]
+    assert len(set(times_first)) == len(times_first), "one push per new snapshot"
+    assert {s["time"] for s in seen_second} <= set(times_first), "the same snapshots"
+    span = times_first[-1] - times_first[0]
+    assert 3.5 <= span <= 8, f"5 snapshots should span ~4 s at 1 s intervals, got {span:.2f}"
+    assert seen_first[-1]["sampler"]["viewers"] == 2
+    first.close()
+    second.close()

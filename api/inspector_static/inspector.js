@@ -125,8 +125,8 @@ function render(snap) {
   renderPlots(snap.time);
   const s = snap.sampler;
   $("footer").textContent =
-    `snapshot ${new Date(snap.time * 1000).toLocaleTimeString()} · sampled in ${s.sample_ms} ms, ` +
-    `engine lock held ${s.engine_lock_ms} ms · ${s.viewers} viewer(s)`;
+    `snapshot ${new Date(snap.time * 1000).toLocaleTimeString()} · sampled in ${s.sample_ms} ms ` +
+    `(${s.cpu_ms} ms CPU), engine lock held ${s.engine_lock_ms} ms · ${s.viewers} viewer(s)`;
 }
 
 const POOL_PARTS = [
