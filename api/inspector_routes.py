@@ -158,9 +158,13 @@ async def _refuse(websocket: WebSocket, code: str, message: str) -> None:
 async def _read(websocket: WebSocket, viewer: Viewer) -> None:
     """Take ``select`` frames; a bad frame gets an error event and changes nothing."""
     while True:
-        text = await websocket.receive_text()
+        frame = await websocket.receive()
+        if frame["type"] == "websocket.disconnect":
+            raise WebSocketDisconnect(frame.get("code", 1000))
         try:
-            message = json.loads(text)
+            if frame.get("text") is None:
+                raise ValueError("frames must be JSON text")
+            message = json.loads(frame["text"])
             session_id = message.get("session_id") if isinstance(message, dict) else None
             if not isinstance(message, dict) or message.get("type") != "select":
                 raise ValueError('expected {"type": "select", "session_id": ...}')

@@ -225,12 +225,17 @@ def test_push_channel_shows_a_tenant_only_its_own_sessions(keyed_server):
         while snapshot["session"] is None:
             snapshot = _next_snapshot(ws)
         assert snapshot["session"] == {"id": other, "found": False}
-        # A bad frame gets a typed error and the channel keeps going.
-        ws.send("not json")
-        message = json.loads(ws.recv(timeout=20))
-        while message["type"] != "error":
+        # Bad frames get a typed error each and the channel keeps going.
+        for bad_frame in (
+            "not json",
+            b"\x00binary",
+            json.dumps({"type": "select", "session_id": 7}),
+        ):
+            ws.send(bad_frame)
             message = json.loads(ws.recv(timeout=20))
-        assert message["code"] == "invalid_request"
+            while message["type"] != "error":
+                message = json.loads(ws.recv(timeout=20))
+            assert message["code"] == "invalid_request"
         assert _next_snapshot(ws)["type"] == "snapshot"
         ws.close()
     for bad in ("wrong-key", None):
