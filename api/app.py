@@ -9,8 +9,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 
-from api import openai_http, sessions_http
+from api import inspector_routes, openai_http, sessions_http
 from api.errors import APIError
+from api.inspector import InspectorHub
 from api.responses_ws import responses_socket
 from api.state import ServerState
 from api.ws_sessions import session_socket
@@ -75,8 +76,12 @@ def build_app(state: ServerState) -> Starlette:
             Route("/v1/sessions/{session_id}", sessions_http.delete_session, methods=["DELETE"]),
             WebSocketRoute("/v1/sessions", session_socket),
             WebSocketRoute("/v1/responses", responses_socket),
+            Route("/ui", inspector_routes.page),
+            Route("/ui/static/{name}", inspector_routes.static_file),
+            WebSocketRoute("/ui/ws", inspector_routes.inspector_socket),
         ],
         exception_handlers={APIError: api_error},
     )
     app.state.tarry = state
+    app.state.inspector = InspectorHub(state)  # samples only while a /ui page is open
     return app

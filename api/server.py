@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 import threading
 import time
 from dataclasses import dataclass
@@ -10,6 +9,7 @@ from dataclasses import dataclass
 import uvicorn
 
 from api.app import build_app
+from api.net import is_loopback
 from api.state import Limits, ServerState
 from api.tool_runtime import ToolRuntime
 from engine.async_engine import AsyncEngine
@@ -34,15 +34,6 @@ class ServeOptions:
     ownership: bool = False
     advertise_url: str | None = None  # where other instances send this one's clients
     lease_ttl_s: float = 10.0
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def build_state(engine: LLMEngine, options: ServeOptions) -> ServerState:

@@ -113,6 +113,8 @@ class BlockPool:
         self.cached_blocks: dict[BlockHash, KVBlock] = {}
         self.num_evictions = 0
         self.on_evict = on_evict
+        # Free blocks that still hold a hashed, reusable block (kept so stats cost O(1)).
+        self.num_cached_free_blocks = 0
 
     @property
     def num_free_blocks(self) -> int:
@@ -137,6 +139,8 @@ class BlockPool:
         for block in blocks:
             if block.ref_cnt == 0:
                 self.free_queue.remove(block)
+                if block.block_hash is not None:
+                    self.num_cached_free_blocks -= 1
             block.ref_cnt += 1
 
     def free(self, blocks: Sequence[KVBlock]) -> None:
@@ -148,6 +152,8 @@ class BlockPool:
             block.ref_cnt -= 1
             if block.ref_cnt == 0:
                 self.free_queue.append(block)
+                if block.block_hash is not None:
+                    self.num_cached_free_blocks += 1
 
     def lookup(self, block_hash: BlockHash, token_ids: Sequence[int]) -> KVBlock | None:
         """The cached block with this hash whose stored tokens equal ``token_ids``, or None."""
@@ -155,6 +161,10 @@ class BlockPool:
         if block is None or block.token_ids != tuple(token_ids):
             return None
         return block
+
+    def is_cached(self, block_hash: BlockHash) -> bool:
+        """Whether a block with this hash is cached (no token check: for statistics only)."""
+        return block_hash in self.cached_blocks
 
     def cache_block(self, block: KVBlock, block_hash: BlockHash, token_ids: Sequence[int]) -> None:
         """Index a full, computed block by its content hash.
@@ -169,10 +179,14 @@ class BlockPool:
         block.block_hash = block_hash
         block.token_ids = tuple(token_ids)
         self.cached_blocks[block_hash] = block
+        if block.ref_cnt == 0:
+            self.num_cached_free_blocks += 1
 
     def _evict(self, block: KVBlock) -> None:
         if block.block_hash is None:
             return
+        if block.ref_cnt == 0:
+            self.num_cached_free_blocks -= 1
         if self.cached_blocks.get(block.block_hash) is block:
             del self.cached_blocks[block.block_hash]
         block.block_hash = None
@@ -194,5 +208,7 @@ class BlockPool:
             assert (block.ref_cnt == 0) == (id(block) in in_queue), f"{block} queue membership"
             if block.block_hash is not None:
                 assert block.token_ids is not None, f"{block} cached without tokens"
+        num_cached_free = sum(1 for b in self.blocks if b.ref_cnt == 0 and b.block_hash is not None)
+        assert num_cached_free == self.num_cached_free_blocks, "cached free block count drifted"
         for block_hash, block in self.cached_blocks.items():
             assert block.block_hash == block_hash, f"{block} indexed under a stale hash"

@@ -38,6 +38,8 @@ class KVCacheManager:
         self.hash_extra = hash_extra
         self.block_tables: dict[str, list[KVBlock]] = {}
         self._block_hashes: dict[str, list[BlockHash]] = {}
+        self.num_prefix_queries = 0  # prompt tokens looked up at admission
+        self.num_prefix_hits = 0  # of which served by the prefix cache
 
     # -- lookups -----------------------------------------------------------------------------
 
@@ -67,6 +69,14 @@ class KVCacheManager:
             found.append(block)
         return found
 
+    def num_cached_leading_blocks(self, hashes: Sequence[BlockHash]) -> int:
+        """How many leading ``hashes`` are cached on the device, by hash only (no token check
+        and no stats: for reporting, not for reuse)."""
+        for block_idx, block_hash in enumerate(hashes):
+            if not self.pool.is_cached(block_hash):
+                return block_idx
+        return len(hashes)
+
     def get_computed_blocks(self, request: Request) -> tuple[list[KVBlock], int]:
         """The longest cached prefix of the request, as (blocks, num_tokens).
 
@@ -77,6 +87,8 @@ class KVCacheManager:
             return [], 0
         max_blocks = (request.num_tokens - 1) // self.block_size
         found = self.cached_prefix(request.all_token_ids, self.block_hashes(request)[:max_blocks])
+        self.num_prefix_queries += request.num_tokens
+        self.num_prefix_hits += len(found) * self.block_size
         return found, len(found) * self.block_size
 
     # -- allocation --------------------------------------------------------------------------

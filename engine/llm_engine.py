@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from engine.block_pool import BlockHash
 from engine.config import EngineConfig, GiB
 from engine.detokenizer import Detokenizer, TextOutput, new_detokenizer
 from engine.errors import InvalidRequestError
@@ -21,6 +22,7 @@ from engine.model_loader import LoadedModel
 from engine.model_runner import KV_LAYOUT, ModelRunner, kv_shape_of
 from engine.offload_manager import OffloadManager
 from engine.outputs import RequestOutput, TokenLogprob
+from engine.pool_stats import PoolStats
 from engine.request import Request, RequestStatus
 from engine.sampler import SamplingRow, sample
 from engine.sampling_params import SamplingParams
@@ -336,6 +338,42 @@ class LLMEngine:
         """Forget every unreferenced cached block (benchmarks and tests)."""
         self.kv_manager.reset_prefix_cache()
 
+    # -- statistics (for the inspector page and metrics) ----------------------------------------
+
+    def block_hashes_of(self, token_ids: list[int], cache_salt: str = "") -> list[BlockHash]:
+        """Content hashes of the full blocks of ``token_ids``. Pure (reads no mutable engine
+        state), so it may run on any thread without the step lock."""
+        return self.kv_manager.hashes_for_tokens(token_ids, cache_salt)
+
+    def num_device_blocks(self, block_hashes: list[BlockHash]) -> int:
+        """How many leading ``block_hashes`` are cached on the device (by hash only; for
+        reporting). Call while no step runs (``AsyncEngine.run_exclusive``); O(len)."""
+        return self.kv_manager.num_cached_leading_blocks(block_hashes)
+
+    def pool_stats(self) -> PoolStats:
+        """The device pool by block use, and cumulative cache counters. O(1); call while no
+        step runs (``AsyncEngine.run_exclusive``) for a consistent view."""
+        manager, pool = self.kv_manager, self.kv_manager.pool
+        num_free = pool.num_free_blocks
+        num_pinned = self.offload.num_pinned_blocks
+        return PoolStats(
+            block_size=self.config.block_size,
+            num_blocks=pool.num_blocks,
+            num_empty_blocks=num_free - pool.num_cached_free_blocks,
+            num_cached_blocks=pool.num_cached_free_blocks,
+            num_pinned_blocks=num_pinned,
+            num_in_use_blocks=pool.num_blocks - num_free - num_pinned,
+            num_running_requests=len(self.scheduler.running),
+            num_waiting_requests=len(self.scheduler.waiting),
+            prefix_query_tokens=manager.num_prefix_queries,
+            prefix_hit_tokens=manager.num_prefix_hits,
+            restored_tokens=self.num_restored_tokens,
+            saved_tokens=self.num_saved_tokens,
+            num_evictions=pool.num_evictions,
+            num_pins_reclaimed=self.offload.num_pins_reclaimed,
+            num_steps=self.num_steps,
+        )
+
     # -- conveniences ------------------------------------------------------------------------
 
     def generate(
@@ -353,6 +391,7 @@ class LLMEngine:
 
     def check_integrity(self) -> None:
         self.scheduler.check_integrity(self.offload.pinned_block_lists())
+        self.offload.check_integrity()
         live = {r.request_id for r in (*self.scheduler.running, *self.scheduler.waiting)}
         assert live == set(self._states), "engine request states drifted from the scheduler"
 

@@ -70,6 +70,8 @@ class OffloadManager:
         self.transfers = TransferWorker()
         # dict order = least recently pinned first (the first to be reclaimed)
         self.pins: dict[str, Pin] = {}
+        self._pin_refs: dict[int, int] = {}  # block id -> number of pins holding it (O(1) stats)
+        self.num_pins_reclaimed = 0  # pins released under memory pressure
         self.num_restored_tokens = 0  # tokens brought back from the store instead of recomputed
         self.num_saved_tokens = 0  # tokens written to the store
         # Evicted cached blocks whose KV is still in place: (block id, hash, tokens).
@@ -92,14 +94,23 @@ class OffloadManager:
         self.kv_manager.hold(blocks)  # before unpinning: shared blocks must not be evicted
         self.unpin(owner_id)
         self.pins[owner_id] = Pin(list(blocks), list(token_ids), cache_salt)
+        for block in blocks:
+            self._pin_refs[block.block_id] = self._pin_refs.get(block.block_id, 0) + 1
         return len(blocks) * self.block_size
 
     def unpin(self, owner_id: str) -> None:
         """Release the owner's pin (unknown owners are ignored); its blocks stay cached until
         the pool evicts them."""
         pin = self.pins.pop(owner_id, None)
-        if pin is not None:
-            self.kv_manager.release(pin.blocks)
+        if pin is None:
+            return
+        self.kv_manager.release(pin.blocks)
+        for block in pin.blocks:
+            count = self._pin_refs[block.block_id] - 1
+            if count:
+                self._pin_refs[block.block_id] = count
+            else:
+                del self._pin_refs[block.block_id]
 
     def offload_pin(self, owner_id: str) -> None:
         """Write the owner's pinned blocks to the store (if any), then release the pin."""
@@ -117,14 +128,28 @@ class OffloadManager:
         while self.pins and self.kv_manager.num_free_blocks < num_blocks_needed:
             self.offload_pin(next(iter(self.pins)))
             released = True
+            self.num_pins_reclaimed += 1
         return released
 
     def is_pinned(self, owner_id: str) -> bool:
         return owner_id in self.pins
 
+    @property
+    def num_pinned_blocks(self) -> int:
+        """Distinct blocks held by at least one pin."""
+        return len(self._pin_refs)
+
     def pinned_block_lists(self) -> list[list[KVBlock]]:
         """Every pin's blocks (for integrity checks: each is one reference per block)."""
         return [pin.blocks for pin in self.pins.values()]
+
+    def check_integrity(self) -> None:
+        """The O(1) pinned-block count agrees with the pins."""
+        refs: dict[int, int] = {}
+        for pin in self.pins.values():
+            for block in pin.blocks:
+                refs[block.block_id] = refs.get(block.block_id, 0) + 1
+        assert refs == self._pin_refs, "pinned block counts drifted"
 
     # -- store traffic -------------------------------------------------------------------------
 

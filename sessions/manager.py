@@ -28,7 +28,7 @@ from sessions.ownership import SessionOwnership
 from sessions.policy import PauseDecision, PausePolicy
 from sessions.prompt import common_prefix_len, turn_prompt
 from sessions.record_store import MemoryRecordStore, SessionRecordStore
-from sessions.session import Session, SessionState, TurnUsage
+from sessions.session import Session, SessionState, TurnRecord, TurnUsage
 
 MESSAGE_ROLES = {"system", "user", "assistant", "tool"}
 MESSAGE_FIELDS = {"role", "content", "name", "tool_call_id", "tool_calls"}
@@ -206,6 +206,7 @@ class SessionManager:
             _validate_message(item)
         self._confirm_ownership(session)
         session.messages.extend(dict(item) for item in items)
+        session.num_pending_tool_results += sum(1 for item in items if item["role"] == "tool")
         self.records.save(session.to_record())
 
     async def generate(
@@ -232,8 +233,12 @@ class SessionManager:
         produced: list[int] = []
         pieces: list[str] = []
         final: RequestOutput | None = None
+        started = time.monotonic()
+        ttft_s: float | None = None
         try:
             async for out in self.engine.generate(prompt, params, request_id, session.cache_salt):
+                if ttft_s is None:
+                    ttft_s = time.monotonic() - started
                 produced += out.new_token_ids
                 pieces.append(out.new_text)
                 if out.finished:
@@ -242,6 +247,7 @@ class SessionManager:
         finally:
             if final is not None and record:
                 self._record_turn(session, prompt, produced, "".join(pieces), final)
+                self._add_turn_record(session, final, started, ttft_s)
             elif final is not None:
                 session.last_usage = TurnUsage(
                     len(prompt), 0, final.num_cached_tokens, final.num_restored_tokens
@@ -270,6 +276,32 @@ class SessionManager:
             cached_tokens=final.num_cached_tokens,
             restored_tokens=final.num_restored_tokens,
         )
+
+    def _add_turn_record(
+        self, session: Session, final: RequestOutput, started: float, ttft_s: float | None
+    ) -> None:
+        """Append the finished turn's costs to ``session.turns`` (bounded, in memory only)."""
+        usage = session.last_usage
+        now = time.monotonic()
+        ended = session.last_turn_ended_at
+        session.turns.append(
+            TurnRecord(
+                turn=session.num_turns,
+                started_at=time.time() - (now - started),
+                prompt_tokens=usage.prompt_tokens,
+                cached_tokens=usage.cached_tokens - usage.restored_tokens,
+                restored_tokens=usage.restored_tokens,
+                new_tokens=usage.prompt_tokens - usage.cached_tokens,
+                output_tokens=usage.completion_tokens,
+                ttft_s=ttft_s,
+                duration_s=now - started,
+                finish_reason=final.finish_reason,
+                pause_before_s=None if ended is None else max(0.0, started - ended),
+                num_tool_results=session.num_pending_tool_results,
+            )
+        )
+        session.num_pending_tool_results = 0
+        session.last_turn_ended_at = now
 
     def fork(self, session: Session) -> Session:
         """A copy-on-write child: same history, sharing every full KV block with the parent."""
@@ -403,6 +435,16 @@ class SessionManager:
             self.llm.cached_tokens, session.token_ids, session.cache_salt
         )
         return {"device": on_device, "store": in_store, "total": len(session.token_ids)}
+
+    def lease_holder(self, session_id: str) -> str | None:
+        """With ownership: this instance's id while it holds the session's lease, else
+        ``"lost"`` (another instance took it since the last heartbeat). None without ownership.
+        Local knowledge only: no Redis call."""
+        if self.ownership is None:
+            return None
+        if self.ownership.leases.holds(session_id):
+            return self.ownership.instance_id
+        return "lost"
 
     def tier_health(self) -> dict[str, bool]:
         """Whether each storage tier currently answers (False = degraded: the service keeps

@@ -13,6 +13,7 @@ from __future__ import annotations
 import enum
 import secrets
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,6 +48,30 @@ class TurnUsage:
     restored_tokens: int = 0  # of which restored from host memory or Redis
 
 
+MAX_TURN_RECORDS = 64  # per session, newest kept; in memory only (not in the record)
+
+
+@dataclass(slots=True)
+class TurnRecord:
+    """What one finished turn cost, for the inspector page. Prompt tokens split three ways::
+
+    prompt_tokens = cached_tokens (device) + restored_tokens (host / Redis) + new_tokens
+    """
+
+    turn: int  # 1-based turn number
+    started_at: float  # wall clock (time.time())
+    prompt_tokens: int
+    cached_tokens: int  # reused from the device pool
+    restored_tokens: int  # restored from host memory or Redis
+    new_tokens: int  # prefilled by this turn
+    output_tokens: int
+    ttft_s: float | None  # request start -> first output token
+    duration_s: float
+    finish_reason: str | None
+    pause_before_s: float | None  # gap since the previous turn ended (None for the first)
+    num_tool_results: int  # tool results appended since the previous turn (a tool pause)
+
+
 @dataclass
 class Session:
     """One agent conversation. ``token_ids`` are exactly the tokens whose KV a resume reuses."""
@@ -63,6 +88,10 @@ class Session:
     keep_until: float = 0.0  # monotonic deadline of the device pin (TTL), 0 = not pinned
     last_usage: TurnUsage = field(default_factory=TurnUsage)
     num_turns: int = 0
+    # In memory only (not in ``to_record``): a restarted or taken-over session starts empty.
+    turns: deque[TurnRecord] = field(default_factory=lambda: deque(maxlen=MAX_TURN_RECORDS))
+    num_pending_tool_results: int = 0  # tool results appended since the last turn
+    last_turn_ended_at: float | None = None  # monotonic
 
     @property
     def cache_salt(self) -> str:

@@ -121,3 +121,28 @@ def test_allocate_slots_is_all_or_nothing():
     assert manager.num_free_blocks == 3 and "a" not in manager.block_tables
     assert manager.allocate_slots(request, 12)
     manager.check_integrity()
+
+
+def test_cached_free_count_follows_every_transition():
+    """The O(1) counter behind ``LLMEngine.pool_stats`` (the inspector's pool panel)."""
+    manager = KVCacheManager(num_blocks=10, block_size=4)
+    pool = manager.pool
+    blocks = pool.allocate(3)
+    assert blocks is not None
+    for idx, block in enumerate(blocks[:2]):
+        pool.cache_block(block, BlockHash(bytes([idx])), [idx] * 4)
+    assert pool.num_cached_free_blocks == 0  # hashed but referenced
+    pool.free(list(reversed(blocks)))
+    assert pool.num_cached_free_blocks == 2  # two hashed blocks now free; the third is empty
+    manager.hold(blocks[:2])
+    manager.hold(blocks[:1])  # a shared prefix block
+    assert pool.num_cached_free_blocks == 0
+    manager.release(blocks[:2])
+    assert pool.num_cached_free_blocks == 1
+    manager.release(blocks[:1])
+    assert pool.num_cached_free_blocks == 2
+    manager.check_integrity()
+    taken = pool.allocate(10)  # evicts both cached blocks
+    assert taken is not None and pool.num_cached_free_blocks == 0 and pool.num_evictions == 2
+    pool.free(taken)
+    pool.check_integrity()

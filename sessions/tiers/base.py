@@ -28,6 +28,7 @@ class KVTierStats:
     evictions: int = 0  # blocks evicted to respect the capacity / byte budget
     bytes_used: int = 0  # host: bytes held; Redis: the shards' budget counters, as last seen
     errors: int = 0  # Redis: calls that failed (connection, timeout, error replies)
+    bytes_written: int = 0  # block bytes this process stored (new blocks only) since start
 
 
 class KVTier(KVStore):

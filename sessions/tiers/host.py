@@ -97,6 +97,7 @@ class HostKVStore(KVTier):
                 tokens = tuple(int(t) for t in token_ids[block_idx])
                 self._blocks[block_hash] = _HostBlock(tokens, kv, num_bytes)
                 self._stats.bytes_used += num_bytes
+                self._stats.bytes_written += num_bytes
 
     def _find(self, block_hash: BlockHash, token_ids: tuple[int, ...]) -> _HostBlock | None:
         block = self._blocks.get(block_hash)

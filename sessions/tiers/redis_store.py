@@ -269,6 +269,9 @@ class RedisKVStore(KVTier):
         _raise_first_error(replies)  # e.g. OOM: reported through _guarded, the blocks dropped
         if recorded_shards:
             self._count_budget(recorded_shards, replies[len(new_idx) :])
+        block_bytes = staged[:, :, 0].numel() * staged.element_size()
+        with self._lock:
+            self._stats.bytes_written += len(new_idx) * block_bytes
 
     def _discard(self, bad_blocks: Sequence[tuple[BlockHash, str]]) -> None:
         for block_hash, reason in bad_blocks:
