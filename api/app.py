@@ -5,11 +5,13 @@ from __future__ import annotations
 import time
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 
 from api import openai_http, sessions_http
+from api.body_limit import BodyLimitMiddleware
 from api.errors import APIError
 from api.responses_ws import responses_socket
 from api.state import ServerState
@@ -57,7 +59,9 @@ async def metrics(request: Request) -> Response:
 
 async def api_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, APIError)
-    headers = {"Location": exc.location} if exc.location else None
+    headers = {"Location": exc.location} if exc.location else {}
+    if exc.status == 413:
+        headers["Connection"] = "close"  # the rest of the body is not read
     return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
 
 
@@ -77,6 +81,7 @@ def build_app(state: ServerState) -> Starlette:
             WebSocketRoute("/v1/responses", responses_socket),
         ],
         exception_handlers={APIError: api_error},
+        middleware=[Middleware(BodyLimitMiddleware, max_bytes=state.limits.max_frame_bytes)],
     )
     app.state.tarry = state
     return app

@@ -13,6 +13,8 @@ from typing import Any
 
 import msgpack
 
+from api.json_input import loads_json
+
 MSGPACK_SUBPROTOCOL = "tarry.msgpack"
 AUTH_SUBPROTOCOL_PREFIX = "tarry.auth."
 
@@ -60,7 +62,7 @@ class ProtocolError(Exception):
 def decode_frame(data: str | bytes, binary: bool) -> dict[str, Any]:
     """One client frame -> an event dict with a known ``type``."""
     try:
-        event = msgpack.unpackb(data) if binary else json.loads(data)
+        event = msgpack.unpackb(data) if binary else loads_json(data)
     except Exception as exc:
         encoding = "msgpack" if binary else "JSON"
         raise ProtocolError("invalid_frame", f"the frame is not valid {encoding}: {exc}") from exc

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import secrets
 import time
 from collections.abc import Mapping
@@ -35,6 +36,8 @@ from api.ws_protocol import (
 from engine.errors import InvalidRequestError
 from sessions.errors import SessionError, SessionMovedError
 from sessions.session import Session
+
+logger = logging.getLogger(__name__)
 
 CLOSE_AUTH = 4001
 CLOSE_IDLE = 4000
@@ -81,12 +84,12 @@ class SessionConnection:
 
     async def serve(self) -> None:
         limits = self.state.limits
+        timeout_s = limits.first_event_timeout_s  # a client that sends nothing is let go soon
         try:
             while True:
                 try:
-                    message = await asyncio.wait_for(
-                        self.websocket.receive(), timeout=limits.idle_timeout_s
-                    )
+                    message = await asyncio.wait_for(self.websocket.receive(), timeout=timeout_s)
+                    timeout_s = limits.idle_timeout_s
                 except TimeoutError:
                     await self.websocket.close(CLOSE_IDLE, "idle timeout")
                     return
@@ -136,6 +139,11 @@ class SessionConnection:
             await self.send_error(exc.code, exc.message, event_id)
         except InvalidRequestError as exc:
             await self.send_error("invalid_request", str(exc), event_id)
+        except Exception:  # a bug: report it, keep the connection and the session
+            logger.exception("event %s failed", event_id)
+            await self.send(
+                error_event("server_error", "the event failed", event_id, kind="server_error")
+            )
 
     async def _dispatch(self, event: dict[str, Any]) -> None:
         kind = event["type"]
@@ -254,7 +262,7 @@ class SessionConnection:
                 "the session holds the maximum number of items",
                 event.get("event_id"),
             )
-        self.state.sessions.append(session, [message])
+        await self.state.sessions.add_items(session, [message])
         await self.send(
             {
                 "type": "conversation.item.added",
@@ -344,11 +352,14 @@ async def session_socket(websocket: WebSocket) -> None:
     for proto in offered:
         if proto.startswith(AUTH_SUBPROTOCOL_PREFIX) and authorization is None:
             authorization = "Bearer " + proto[len(AUTH_SUBPROTOCOL_PREFIX) :]
+    binary = MSGPACK_SUBPROTOCOL in offered
     try:
         owner = state.owner_for(authorization)
     except APIError:
+        # Accepted first so that the client sees the close code (PROTOCOL.md: 4001), not a
+        # bare HTTP 403; no event is read from it.
+        await websocket.accept()
         await websocket.close(CLOSE_AUTH, "invalid or missing API key")
         return
-    binary = MSGPACK_SUBPROTOCOL in offered
     await websocket.accept(subprotocol=MSGPACK_SUBPROTOCOL if binary else None)
     await SessionConnection(websocket, state, owner, binary).serve()

@@ -63,6 +63,9 @@ class Session:
     keep_until: float = 0.0  # monotonic deadline of the device pin (TTL), 0 = not pinned
     last_usage: TurnUsage = field(default_factory=TurnUsage)
     num_turns: int = 0
+    # Estimated tokens of the messages added since ``token_ids`` were last set (a turn's end
+    # or a truncation): with ``len(token_ids)`` the history's size (sessions.history_budget).
+    num_pending_tokens: int = 0
 
     @property
     def cache_salt(self) -> str:
@@ -93,6 +96,7 @@ class Session:
             "settings": self.settings,
             "created_at": self.created_at,
             "num_turns": self.num_turns,
+            "num_pending_tokens": self.num_pending_tokens,
             "closed": self.state is SessionState.CLOSED,
         }
 
@@ -109,4 +113,5 @@ class Session:
             state=SessionState.CLOSED if record.get("closed") else SessionState.OFFLOADED,
             created_at=float(record.get("created_at", time.time())),
             num_turns=int(record.get("num_turns", 0)),
+            num_pending_tokens=int(record.get("num_pending_tokens", 0)),
         )
