@@ -1,9 +1,10 @@
 """Parse client JSON (HTTP bodies, WebSocket text frames) so that anything odd is a ValueError.
 
-``json.loads`` accepts two things the rest of the server cannot handle: nesting deep enough to
-raise ``RecursionError``, and ``"\\ud800"`` escapes that decode to a lone surrogate, a ``str``
-that cannot be encoded as UTF-8 (the tokenizer, msgpack and Redis records all fail on it).
-Both are refused here, at the edge, with a message naming the problem.
+``json.loads`` accepts three things the rest of the server cannot handle: nesting deep enough
+to raise ``RecursionError``; ``"\\ud800"`` escapes that decode to a lone surrogate, a ``str``
+that cannot be encoded as UTF-8 (the tokenizer, msgpack and Redis records all fail on it); and
+integers outside 64 bits, which msgpack (session records) cannot store. All are refused here,
+at the edge, with a message naming the problem, so no such value reaches a session.
 """
 
 from __future__ import annotations
@@ -11,22 +12,28 @@ from __future__ import annotations
 import json
 from typing import Any
 
+MIN_INT, MAX_INT = -(1 << 63), 1 << 64  # what msgpack stores
+
 
 def loads_json(data: str | bytes) -> Any:
-    """The parsed value; ValueError for malformed JSON, too deep nesting or a lone surrogate."""
-    try:
-        value = json.loads(data)
-    except RecursionError as exc:
-        raise ValueError("JSON nested too deeply") from exc
-    reject_lone_surrogates(value)
+    """The parsed value; ValueError for malformed JSON, too deep nesting, a lone surrogate or
+    an integer outside [-2**63, 2**64)."""
+    value = parse_json(data)
+    check_storable(value)
     return value
 
 
-def reject_lone_surrogates(value: Any) -> None:
-    """ValueError if any string (or object key) in ``value`` holds a lone surrogate.
+def parse_json(data: str | bytes) -> Any:
+    """``json.loads``, with too deep nesting a ValueError (call ``check_storable`` next)."""
+    try:
+        return json.loads(data)
+    except RecursionError as exc:
+        raise ValueError("JSON nested too deeply") from exc
 
-    Iterative, so a deep value cannot exhaust the stack.
-    """
+
+def check_storable(value: Any) -> None:
+    """ValueError if any string (or object key) in ``value`` holds a lone surrogate, or an
+    integer does not fit in 64 bits. Iterative, so a deep value cannot exhaust the stack."""
     pending = [value]
     while pending:
         item = pending.pop()
@@ -39,6 +46,8 @@ def reject_lone_surrogates(value: Any) -> None:
                 pending.append(child)
         elif isinstance(item, list):
             pending.extend(item)
+        elif isinstance(item, int) and not MIN_INT <= item < MAX_INT:
+            raise ValueError(f"the integer {item} does not fit in 64 bits")
 
 
 def _check_text(text: str) -> None:

@@ -12,7 +12,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from api.errors import APIError, session_moved
-from api.json_input import loads_json
+from api.json_input import check_storable, parse_json
 from api.openai_params import sampling_from_openai
 from api.state import ServerState
 from api.tool_runtime import normalize_tools
@@ -29,9 +29,13 @@ async def read_json(request: Request, max_bytes: int) -> dict[str, Any]:
     if len(raw) > max_bytes:
         raise APIError(f"request body over {max_bytes} bytes", code="request_too_large", status=413)
     try:
-        body = loads_json(raw)
+        body = parse_json(raw)
     except ValueError as exc:
         raise APIError(f"malformed JSON: {exc}") from exc
+    try:
+        check_storable(body)  # no lone surrogate nor 65-bit integer goes further
+    except ValueError as exc:
+        raise APIError(str(exc)) from exc
     if not isinstance(body, dict):
         raise APIError("the request body must be a JSON object")
     return body

@@ -22,7 +22,7 @@ from api.errors import APIError
 from api.openai_params import sampling_from_openai
 from api.response_run import ResponseRun
 from api.state import ServerState
-from api.tool_runtime import normalize_tools
+from api.tool_runtime import check_tool_choice, normalize_tools
 from api.ws_protocol import (
     AUTH_SUBPROTOCOL_PREFIX,
     MSGPACK_SUBPROTOCOL,
@@ -34,6 +34,7 @@ from api.ws_protocol import (
     session_config,
 )
 from engine.errors import InvalidRequestError
+from engine.sampling_params import SamplingParams
 from sessions.errors import SessionError, SessionMovedError
 from sessions.session import Session
 
@@ -188,6 +189,7 @@ class SessionConnection:
 
     async def _create(self, event: dict[str, Any]) -> None:
         config = session_config(event)
+        self._sampling(config)
         if self.session is not None:
             raise ProtocolError(
                 "session_already_bound",
@@ -240,6 +242,7 @@ class SessionConnection:
     async def _update(self, event: dict[str, Any]) -> None:
         config = session_config(event)
         session = self._bound()
+        self._sampling({**session.settings.get("defaults", {}), **config})
         if "instructions" in config:
             messages = session.messages
             if messages and messages[0]["role"] == "system":
@@ -317,14 +320,7 @@ class SessionConnection:
                 event.get("event_id"),
             )
         merged = {**session.settings.get("defaults", {}), **config}
-        body = {
-            "max_tokens": merged.get("max_output_tokens"),
-            "temperature": merged.get("temperature"),
-            "top_p": merged.get("top_p"),
-            "seed": merged.get("seed"),
-            "stop": merged.get("stop"),
-        }
-        params = sampling_from_openai(body, self.state.limits.max_output_tokens)
+        params = self._sampling(merged)
         generate = config.get("generate", True)
         if not generate:
             params.max_tokens = 1  # prefill only: one token is computed, then discarded
@@ -333,6 +329,19 @@ class SessionConnection:
         response = ResponseRun(self, session, f"resp_{secrets.token_hex(12)}", params, tool_choice)
         self.response_task = asyncio.create_task(response.run(generate))
         await asyncio.sleep(0)  # let response.created go out before the next event is read
+
+    def _sampling(self, config: dict[str, Any]) -> SamplingParams:
+        """Sampling parameters of a session / response config; APIError for a bad value (so
+        that a session default is refused when it is set, not at every later response)."""
+        body = {
+            "max_tokens": config.get("max_output_tokens"),
+            "temperature": config.get("temperature"),
+            "top_p": config.get("top_p"),
+            "seed": config.get("seed"),
+            "stop": config.get("stop"),
+        }
+        check_tool_choice(config.get("tool_choice"))
+        return sampling_from_openai(body, self.state.limits.max_output_tokens)
 
     async def _response_cancel(self, event: dict[str, Any]) -> None:
         task = self.response_task
