@@ -172,8 +172,9 @@ async def _generate(
         state.metrics.requests.labels(endpoint, "400").inc()
         raise APIError(str(exc)) from exc
     except SessionError as exc:
-        state.metrics.requests.labels(endpoint, "409").inc()
-        raise APIError(str(exc), code=exc.code, status=409) from exc
+        status = 400 if isinstance(exc, InvalidSessionInputError) else 409
+        state.metrics.requests.labels(endpoint, str(status)).inc()
+        raise APIError(str(exc), code=exc.code, status=status) from exc
     state.metrics.requests.labels(endpoint, "200").inc()
 
 

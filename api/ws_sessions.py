@@ -180,6 +180,8 @@ class SessionConnection:
                 "max_frame_bytes": limits.max_frame_bytes,
                 "max_items": limits.max_items_per_session,
                 "max_output_tokens": limits.max_output_tokens,
+                "max_history_tokens": self.state.sessions.budget.max_tokens,
+                "max_history_bytes": self.state.sessions.budget.max_bytes,
                 "idle_timeout_s": limits.idle_timeout_s,
             },
         }
@@ -244,6 +246,9 @@ class SessionConnection:
         session = self._bound()
         self._sampling({**session.settings.get("defaults", {}), **config})
         if "instructions" in config:
+            self.state.sessions.budget.check_bytes(
+                0, [{"role": "system", "content": config["instructions"]}]
+            )
             messages = session.messages
             if messages and messages[0]["role"] == "system":
                 messages[0] = {"role": "system", "content": config["instructions"]}
