@@ -65,6 +65,12 @@ async def api_error(request: Request, exc: Exception) -> Response:
     return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
 
 
+async def server_error(request: Request, exc: Exception) -> Response:
+    """A bug: an OpenAI-shaped 500 (logged by uvicorn), never a plain-text page."""
+    body = APIError("internal server error", code="server_error", status=500).body()
+    return JSONResponse(body, status_code=500)
+
+
 def build_app(state: ServerState) -> Starlette:
     """The HTTP + WebSocket app serving ``state``'s model."""
     app = Starlette(
@@ -80,7 +86,7 @@ def build_app(state: ServerState) -> Starlette:
             WebSocketRoute("/v1/sessions", session_socket),
             WebSocketRoute("/v1/responses", responses_socket),
         ],
-        exception_handlers={APIError: api_error},
+        exception_handlers={APIError: api_error, Exception: server_error},
         middleware=[Middleware(BodyLimitMiddleware, max_bytes=state.limits.max_frame_bytes)],
     )
     app.state.tarry = state

@@ -130,6 +130,7 @@ class BackgroundServer:
         self.server.should_exit = True
         self.thread.join(timeout=10)
         self.state.tools.close()
+        self.state.sessions.close_pool()
         self.state.runner.shutdown()
         if self.state.sessions.ownership is not None:
             self.state.sessions.ownership.close()
