@@ -177,6 +177,8 @@ def test_websocket_bad_seed_and_lone_surrogate_leave_the_session_usable(server, 
         ws.send_raw(lone + '"content":"a\\ud800b"}}')
         error = ws.recv()["error"]
         assert error["code"] == "invalid_event" and "surrogate" in error["message"]
+        ws.send_raw("[" * 100_000 + "]" * 100_000)
+        assert ws.recv()["error"]["code"] == "invalid_frame"
         ws.send_raw('{"type":"session.update","session":{"instructions":"\\udfff"}}')
         assert ws.recv()["error"]["code"] == "invalid_event"
         text, done = ws.respond(temperature=0, max_output_tokens=20)
