@@ -5,11 +5,13 @@ from __future__ import annotations
 import time
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 
 from api import inspector_routes, openai_http, sessions_http
+from api.body_limit import BodyLimitMiddleware
 from api.errors import APIError
 from api.inspector import InspectorHub
 from api.responses_ws import responses_socket
@@ -58,8 +60,16 @@ async def metrics(request: Request) -> Response:
 
 async def api_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, APIError)
-    headers = {"Location": exc.location} if exc.location else None
+    headers = {"Location": exc.location} if exc.location else {}
+    if exc.status == 413:
+        headers["Connection"] = "close"  # the rest of the body is not read
     return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+
+
+async def server_error(request: Request, exc: Exception) -> Response:
+    """A bug: an OpenAI-shaped 500 (logged by uvicorn), never a plain-text page."""
+    body = APIError("internal server error", code="server_error", status=500).body()
+    return JSONResponse(body, status_code=500)
 
 
 def build_app(state: ServerState) -> Starlette:
@@ -80,7 +90,8 @@ def build_app(state: ServerState) -> Starlette:
             Route("/ui/static/{name}", inspector_routes.static_file),
             WebSocketRoute("/ui/ws", inspector_routes.inspector_socket),
         ],
-        exception_handlers={APIError: api_error},
+        exception_handlers={APIError: api_error, Exception: server_error},
+        middleware=[Middleware(BodyLimitMiddleware, max_bytes=state.limits.max_frame_bytes)],
     )
     app.state.tarry = state
     app.state.inspector = InspectorHub(state)  # samples only while a /ui page is open

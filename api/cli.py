@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 import time
 
@@ -64,7 +65,27 @@ def build_parser() -> argparse.ArgumentParser:
         default=1.0,
         help="host-memory KV tier size in GiB (0 disables)",
     )
+    add_timeout_args(serve)
     return parser
+
+
+def add_timeout_args(parser: argparse.ArgumentParser) -> None:
+    """Timeouts that close connections holding a slot while sending nothing (api.state.Limits)."""
+    parser.add_argument(
+        "--header-timeout-s", type=float, default=10.0, help="HTTP request headers due within"
+    )
+    parser.add_argument(
+        "--first-event-timeout-s",
+        type=float,
+        default=30.0,
+        help="a WebSocket that sends no frame within this is closed (4000)",
+    )
+    parser.add_argument(
+        "--idle-timeout-s",
+        type=float,
+        default=600.0,
+        help="a WebSocket idle this long between frames is closed (4000)",
+    )
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -130,7 +151,9 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from api.app import build_app
+    from api.http_protocol import uvicorn_limits
     from api.server import ServeOptions, build_state, is_loopback
+    from api.state import Limits
     from sessions.redis_connect import check_redis_url
 
     if not is_loopback(args.host) and not args.api_key:
@@ -150,6 +173,12 @@ def _serve(args: argparse.Namespace) -> int:
         ownership=args.redis_url is not None,
         advertise_url=args.advertise_url,
         lease_ttl_s=args.lease_ttl_s,
+        owner_key_secret=os.environ.get("TARRY_OWNER_KEY_SECRET", "").encode() or None,
+        limits=Limits(
+            header_timeout_s=args.header_timeout_s,
+            first_event_timeout_s=args.first_event_timeout_s,
+            idle_timeout_s=args.idle_timeout_s,
+        ),
     )
     state = build_state(engine, options)
     print(
@@ -166,6 +195,7 @@ def _serve(args: argparse.Namespace) -> int:
             port=args.port,
             log_level="info",
             ws="websockets-sansio",
+            **uvicorn_limits(state.limits),  # frame / body limits and idle timeouts
         )
     finally:
         state.tools.close()  # kill every sandbox interpreter and remove its directory

@@ -12,6 +12,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from api.errors import APIError, session_moved
+from api.json_input import check_storable, parse_json
 from api.openai_params import sampling_from_openai
 from api.state import ServerState
 from api.tool_runtime import normalize_tools
@@ -19,19 +20,22 @@ from engine.errors import InvalidRequestError
 from engine.outputs import RequestOutput, TokenLogprob
 from engine.sampling_params import SamplingParams
 from sessions.errors import InvalidSessionInputError, SessionError, SessionMovedError
-from tools.render import apply_chat_template_with_tools
 from tools.streaming_parser import StreamingToolParser
 from tools.tool_call import TextDelta, ToolCall, ToolCallDone
 
 
 async def read_json(request: Request, max_bytes: int) -> dict[str, Any]:
-    raw = await request.body()
+    raw = await request.body()  # bounded while it streams in (api.body_limit)
     if len(raw) > max_bytes:
         raise APIError(f"request body over {max_bytes} bytes", code="request_too_large", status=413)
     try:
-        body = json.loads(raw)
+        body = parse_json(raw)
     except ValueError as exc:
         raise APIError(f"malformed JSON: {exc}") from exc
+    try:
+        check_storable(body)  # no lone surrogate nor 65-bit integer goes further
+    except ValueError as exc:
+        raise APIError(str(exc)) from exc
     if not isinstance(body, dict):
         raise APIError("the request body must be a JSON object")
     return body
@@ -62,6 +66,14 @@ def chat_messages(body: dict[str, Any]) -> list[dict[str, Any]]:
             raise APIError(
                 "message content must be a string or a list of text parts", param="messages"
             )
+        calls = message.get("tool_calls")
+        if calls is not None and not (
+            isinstance(calls, list) and all(isinstance(call, dict) for call in calls)
+        ):
+            raise APIError("tool_calls must be a list of objects", param="messages")
+        for name in ("tool_call_id", "name"):
+            if message.get(name) is not None and not isinstance(message[name], str):
+                raise APIError(f"{name} must be a string", param="messages")
         role = "system" if message["role"] == "developer" else message["role"]
         kept = {k: message[k] for k in ("tool_calls", "tool_call_id", "name") if message.get(k)}
         result.append({"role": role, "content": content, **kept})
@@ -160,8 +172,9 @@ async def _generate(
         state.metrics.requests.labels(endpoint, "400").inc()
         raise APIError(str(exc)) from exc
     except SessionError as exc:
-        state.metrics.requests.labels(endpoint, "409").inc()
-        raise APIError(str(exc), code=exc.code, status=409) from exc
+        status = 400 if isinstance(exc, InvalidSessionInputError) else 409
+        state.metrics.requests.labels(endpoint, str(status)).inc()
+        raise APIError(str(exc), code=exc.code, status=status) from exc
     state.metrics.requests.labels(endpoint, "200").inc()
 
 
@@ -185,19 +198,23 @@ async def chat_completions(request: Request) -> Response:
     tool_choice = body.get("tool_choice", "auto")
     params.logits_processors = state.tools.processors(tools, tool_choice, params.max_tokens)
     engine = state.runner.engine
-    try:
-        text = apply_chat_template_with_tools(engine.tokenizer, chat_messages(body), tools or None)
-    except ValueError as exc:
-        raise APIError(str(exc), param="messages") from exc
+    include_usage = _include_usage(body.get("stream_options"))
+    messages = chat_messages(body)
     parser = state.tools.parser() if tools and tool_choice != "none" else None
     session_id = request.headers.get(SESSION_HEADER)
     if session_id:
         try:
-            source = _session_source(state, owner, session_id, body, tools, params, parser)
+            source = await _session_source(
+                state, owner, session_id, messages, tools, params, parser
+            )
         except SessionMovedError as exc:
             raise session_moved(exc, request) from exc
     else:
-        source = state.runner.generate(engine.tokenize(text), params, cache_salt=owner)
+        try:
+            prompt = await state.sessions.prompt_for(messages, tools or None)
+        except SessionError as exc:
+            raise APIError(str(exc), code=exc.code, param="messages") from exc
+        source = state.runner.generate(prompt, params, cache_salt=owner)
     completion = Completion(state.model_name, "chat")
     first, stream = await _first_then_rest(_generate(state, source, "chat"))
     outputs = _chain([first] if first else [], stream)
@@ -222,18 +239,25 @@ async def chat_completions(request: Request) -> Response:
                 "usage": completion.usage(),
             }
         )
-    include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
     return StreamingResponse(
         _chat_sse(completion, outputs, parser, include_usage, engine.tokenizer, params),
         media_type="text/event-stream",
     )
 
 
-def _session_source(
+def _include_usage(stream_options: Any) -> bool:
+    if stream_options is None:
+        return False
+    if not isinstance(stream_options, dict):
+        raise APIError("stream_options must be an object", param="stream_options")
+    return bool(stream_options.get("include_usage"))
+
+
+async def _session_source(
     state: ServerState,
     owner: str,
     session_id: str,
-    body: dict[str, Any],
+    messages: list[dict[str, Any]],
     tools: list[dict[str, Any]],
     params: SamplingParams,
     parser: StreamingToolParser | None,
@@ -244,7 +268,7 @@ def _session_source(
         session = state.sessions.get(session_id, owner)
         if tools:
             state.sessions.update(session, tools=tools)
-        state.sessions.append(session, chat_messages(body))
+        await state.sessions.add_items(session, messages)
     except SessionMovedError:
         raise  # the caller answers 307 to the owner
     except SessionError as exc:
@@ -325,7 +349,10 @@ async def completions(request: Request) -> Response:
     body = await read_json(request, state.limits.max_frame_bytes)
     prompt_field = body.get("prompt")
     if isinstance(prompt_field, str):
-        prompt = state.runner.engine.tokenize(prompt_field)
+        try:
+            prompt = await state.sessions.tokenize_text(prompt_field)
+        except SessionError as exc:
+            raise APIError(str(exc), code=exc.code, param="prompt") from exc
     elif isinstance(prompt_field, list) and all(isinstance(t, int) for t in prompt_field):
         prompt = list(prompt_field)
     else:

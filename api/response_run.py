@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 from typing import TYPE_CHECKING, Any
 
 from api.tool_runtime import PYTHON_TOOL_NAME
-from api.ws_protocol import usage_of
+from api.ws_protocol import error_event, usage_of
 from engine.errors import InvalidRequestError
 from engine.sampling_params import SamplingParams
 from sessions.errors import SessionError, SessionMovedError
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
     from api.ws_sessions import SessionConnection
 
 MAX_SERVER_TOOL_ROUNDS = 8
+logger = logging.getLogger(__name__)
 
 
 class ResponseRun:
@@ -65,9 +67,18 @@ class ResponseRun:
         except SessionMovedError as exc:  # taken over by another instance meanwhile
             self.status = "failed"
             await self.connection.send_session_error(exc)
-        except (InvalidRequestError, SessionError) as exc:
+        except SessionError as exc:
+            self.status = "failed"
+            await self.connection.send_error(exc.code, str(exc))
+        except InvalidRequestError as exc:
             self.status = "failed"
             await self.connection.send_error("invalid_request", str(exc))
+        except Exception:  # a bug must still end the response and leave the session usable
+            logger.exception("response %s failed", self.response_id)
+            self.status = "failed"
+            await self.connection.send(
+                error_event("server_error", "the response failed", kind="server_error")
+            )
         if (
             self.status == "cancelled"
             and self.connection.websocket.client_state.name != "CONNECTED"
@@ -118,7 +129,7 @@ class ResponseRun:
                 self.output.append(
                     {"type": "function_call_output", "call_id": call.call_id, "output": output}
                 )
-                self.state.sessions.append(
+                await self.state.sessions.add_items(
                     self.session,
                     [
                         {

@@ -19,6 +19,7 @@ from typing import Any
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from api.errors import APIError
+from api.json_input import loads_json
 from api.openai_params import sampling_from_openai
 from api.responses_items import (
     function_call_item,
@@ -60,7 +61,7 @@ class ResponsesConnection:
                     if len(raw) > self.state.limits.max_frame_bytes:
                         raise ProtocolError("frame_too_large", "the frame is too large")
                     try:
-                        request = json.loads(raw)
+                        request = loads_json(raw)
                     except ValueError as exc:
                         raise ProtocolError("invalid_frame", f"not valid JSON: {exc}") from exc
                     if not isinstance(request, dict) or request.get("type") != "response.create":
@@ -80,7 +81,7 @@ class ResponsesConnection:
                     self.state.sessions.close(session)
                 self.state.tools.close_sandbox(session.session_id)
 
-    def _session_for(self, request: dict[str, Any], tools: list[dict[str, Any]]) -> Session:
+    async def _session_for(self, request: dict[str, Any], tools: list[dict[str, Any]]) -> Session:
         messages = input_to_messages(request.get("input", []), request.get("event_id"))
         previous = request.get("previous_response_id")
         manager = self.state.sessions
@@ -94,7 +95,7 @@ class ResponsesConnection:
             session = manager.create(self.owner, request.get("instructions"))
         manager.update(session, tools=tools)
         if messages:
-            manager.append(session, messages)
+            await manager.add_items(session, messages)
         return session
 
     async def _respond(self, request: dict[str, Any]) -> None:
@@ -109,7 +110,7 @@ class ResponsesConnection:
         params.logits_processors = self.state.tools.processors(
             tools, tool_choice, params.max_tokens
         )
-        session = self._session_for(request, tools)
+        session = await self._session_for(request, tools)
         turn = ResponsesTurn(self, new_id("resp"))
         await self.send(
             {
@@ -264,6 +265,7 @@ async def responses_socket(websocket: WebSocket) -> None:
     try:
         owner = state.owner_for(websocket.headers.get("authorization"))
     except APIError:
+        await websocket.accept()  # so that the client sees close code 4001 (PROTOCOL.md)
         await websocket.close(CLOSE_AUTH, "invalid or missing API key")
         return
     await websocket.accept()

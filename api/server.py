@@ -9,12 +9,14 @@ from dataclasses import dataclass
 import uvicorn
 
 from api.app import build_app
+from api.http_protocol import uvicorn_limits
 from api.net import is_loopback
 from api.state import Limits, ServerState
 from api.tool_runtime import ToolRuntime
 from engine.async_engine import AsyncEngine
 from engine.llm_engine import LLMEngine
 from sessions.manager import SessionManager
+from sessions.owner_keys import OwnerKeys
 from sessions.ownership import SessionOwnership
 from sessions.record_store import MemoryRecordStore, RedisRecordStore, SessionRecordStore
 from sessions.redis_connect import connect_redis
@@ -34,6 +36,9 @@ class ServeOptions:
     ownership: bool = False
     advertise_url: str | None = None  # where other instances send this one's clients
     lease_ttl_s: float = 10.0
+    # Keys the owner hash stored in session records (TARRY_OWNER_KEY_SECRET); None = a plain
+    # namespaced SHA-256. Instances sharing a Redis need the same value.
+    owner_key_secret: bytes | None = None
 
 
 def build_state(engine: LLMEngine, options: ServeOptions) -> ServerState:
@@ -59,7 +64,9 @@ def build_state(engine: LLMEngine, options: ServeOptions) -> ServerState:
     tools = ToolRuntime(engine.tokenizer, engine.vocab_size, sorted(engine.eos_token_ids))
     return ServerState(
         runner=runner,
-        sessions=SessionManager(runner, records, ownership=ownership),
+        sessions=SessionManager(
+            runner, records, ownership=ownership, owner_keys=OwnerKeys(options.owner_key_secret)
+        ),
         model_name=engine.loaded.name,
         tools=tools,
         api_keys=set(options.api_keys),
@@ -94,6 +101,7 @@ class BackgroundServer:
             log_level="warning",
             ws="websockets-sansio",
             lifespan="off",
+            **uvicorn_limits(state.limits),
         )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
@@ -113,6 +121,7 @@ class BackgroundServer:
         self.server.should_exit = True
         self.thread.join(timeout=10)
         self.state.tools.close()
+        self.state.sessions.close_pool()
         self.state.runner.shutdown()
         if self.state.sessions.ownership is not None:
             self.state.sessions.ownership.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass, field
 
 from api.errors import APIError
@@ -13,11 +14,20 @@ from sessions.manager import SessionManager
 
 @dataclass
 class Limits:
+    """What one client may use. ``max_frame_bytes`` bounds WebSocket frames and HTTP bodies
+    (both enforced while they arrive); the timeouts close connections that hold a slot while
+    sending nothing: ``header_timeout_s`` for an HTTP request's headers,
+    ``keep_alive_timeout_s`` between requests, ``first_event_timeout_s`` for a WebSocket's
+    first frame and ``idle_timeout_s`` between its frames."""
+
     max_frame_bytes: int = 1 << 20
     max_items_per_session: int = 1000
     max_output_tokens: int = 4096
     max_sessions_per_key: int = 256
     idle_timeout_s: float = 600.0
+    first_event_timeout_s: float = 30.0
+    header_timeout_s: float = 10.0
+    keep_alive_timeout_s: int = 5
     max_events_per_second: int = 200
 
 
@@ -34,12 +44,14 @@ class ServerState:
     metrics: Metrics = field(default_factory=Metrics)
 
     def owner_for(self, authorization: str | None) -> str:
-        """The tenant a bearer token belongs to; raises APIError(401) for a bad or missing key."""
+        """The owner id (``sessions.owner_keys``) of a bearer token's tenant; raises
+        APIError(401) for a bad or missing key."""
         token = None
         if authorization and authorization.lower().startswith("bearer "):
             token = authorization[7:].strip()
+        owner_keys = self.sessions.owner_keys  # records store a keyed hash, never the key
         if not self.api_keys:
-            return "key:" + (token or "anonymous")
-        if token is None or token not in self.api_keys:
+            return owner_keys.owner_for(token or "anonymous")
+        if token is None or not any(secrets.compare_digest(token, key) for key in self.api_keys):
             raise APIError("invalid or missing API key", code="invalid_api_key", status=401)
-        return "key:" + token
+        return owner_keys.owner_for(token)

@@ -66,6 +66,25 @@ def normalize_tools(tools: Any) -> list[dict[str, Any]]:
     return result
 
 
+TOOL_CHOICE_MODES = (None, "auto", "none", "required")
+
+
+def check_tool_choice(tool_choice: Any) -> None:
+    """APIError unless ``tool_choice`` is a mode, a function name or ``{"type": "function",
+    "function": {"name"}}`` / ``{"type": "function", "name"}``."""
+    if tool_choice in TOOL_CHOICE_MODES or isinstance(tool_choice, str):
+        return
+    if isinstance(tool_choice, dict):
+        function = tool_choice.get("function", tool_choice)
+        if isinstance(function, dict) and isinstance(function.get("name"), str):
+            return
+    raise APIError(
+        'tool_choice must be "auto", "none", "required" or {"type": "function", '
+        '"function": {"name": ...}}',
+        param="tool_choice",
+    )
+
+
 def python_result_text(result: SandboxResult) -> str:
     """The tool output the model sees (and the client gets in ``tool_output`` events)."""
     parts = []
@@ -106,6 +125,7 @@ class ToolRuntime:
         The call starts closing its open strings and objects ``CLOSING_RESERVE`` tokens before
         ``max_tokens`` runs out, so a forced call is complete whenever the budget allows.
         """
+        check_tool_choice(tool_choice)
         if not tools or tool_choice in (None, "auto", "none"):
             return []
         if self._constrainer is None:

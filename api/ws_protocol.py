@@ -13,6 +13,8 @@ from typing import Any
 
 import msgpack
 
+from api.json_input import check_storable, parse_json
+
 MSGPACK_SUBPROTOCOL = "tarry.msgpack"
 AUTH_SUBPROTOCOL_PREFIX = "tarry.auth."
 
@@ -58,9 +60,10 @@ class ProtocolError(Exception):
 
 
 def decode_frame(data: str | bytes, binary: bool) -> dict[str, Any]:
-    """One client frame -> an event dict with a known ``type``."""
+    """One client frame -> an event dict with a known ``type`` whose strings are valid Unicode
+    and whose integers fit in 64 bits (``api.json_input``)."""
     try:
-        event = msgpack.unpackb(data) if binary else json.loads(data)
+        event = msgpack.unpackb(data) if binary else parse_json(data)
     except Exception as exc:
         encoding = "msgpack" if binary else "JSON"
         raise ProtocolError("invalid_frame", f"the frame is not valid {encoding}: {exc}") from exc
@@ -72,6 +75,10 @@ def decode_frame(data: str | bytes, binary: bool) -> dict[str, Any]:
     kind = event.get("type")
     if kind not in CLIENT_EVENTS:
         raise ProtocolError("unknown_event", f"unknown event type {kind!r}", event_id)
+    try:
+        check_storable(event)  # no lone surrogate nor 65-bit integer may reach a session
+    except ValueError as exc:
+        raise ProtocolError("invalid_event", str(exc), event_id) from exc
     return event
 
 

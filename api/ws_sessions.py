@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import secrets
 import time
 from collections.abc import Mapping
@@ -23,7 +24,7 @@ from api.errors import APIError
 from api.openai_params import sampling_from_openai
 from api.response_run import ResponseRun
 from api.state import ServerState
-from api.tool_runtime import normalize_tools
+from api.tool_runtime import check_tool_choice, normalize_tools
 from api.ws_protocol import (
     AUTH_SUBPROTOCOL_PREFIX,
     MSGPACK_SUBPROTOCOL,
@@ -35,8 +36,11 @@ from api.ws_protocol import (
     session_config,
 )
 from engine.errors import InvalidRequestError
+from engine.sampling_params import SamplingParams
 from sessions.errors import SessionError, SessionMovedError
 from sessions.session import Session
+
+logger = logging.getLogger(__name__)
 
 CLOSE_AUTH = 4001
 CLOSE_IDLE = 4000
@@ -83,12 +87,12 @@ class SessionConnection:
 
     async def serve(self) -> None:
         limits = self.state.limits
+        timeout_s = limits.first_event_timeout_s  # a client that sends nothing is let go soon
         try:
             while True:
                 try:
-                    message = await asyncio.wait_for(
-                        self.websocket.receive(), timeout=limits.idle_timeout_s
-                    )
+                    message = await asyncio.wait_for(self.websocket.receive(), timeout=timeout_s)
+                    timeout_s = limits.idle_timeout_s
                 except TimeoutError:
                     await self.websocket.close(CLOSE_IDLE, "idle timeout")
                     return
@@ -138,6 +142,11 @@ class SessionConnection:
             await self.send_error(exc.code, exc.message, event_id)
         except InvalidRequestError as exc:
             await self.send_error("invalid_request", str(exc), event_id)
+        except Exception:  # a bug: report it, keep the connection and the session
+            logger.exception("event %s failed", event_id)
+            await self.send(
+                error_event("server_error", "the event failed", event_id, kind="server_error")
+            )
 
     async def _dispatch(self, event: dict[str, Any]) -> None:
         kind = event["type"]
@@ -173,6 +182,8 @@ class SessionConnection:
                 "max_frame_bytes": limits.max_frame_bytes,
                 "max_items": limits.max_items_per_session,
                 "max_output_tokens": limits.max_output_tokens,
+                "max_history_tokens": self.state.sessions.budget.max_tokens,
+                "max_history_bytes": self.state.sessions.budget.max_bytes,
                 "idle_timeout_s": limits.idle_timeout_s,
             },
         }
@@ -182,6 +193,7 @@ class SessionConnection:
 
     async def _create(self, event: dict[str, Any]) -> None:
         config = session_config(event)
+        self._sampling(config)
         if self.session is not None:
             raise ProtocolError(
                 "session_already_bound",
@@ -229,6 +241,11 @@ class SessionConnection:
     async def _update(self, event: dict[str, Any]) -> None:
         config = session_config(event)
         session = self._bound()
+        self._sampling({**session.settings.get("defaults", {}), **config})
+        if "instructions" in config:
+            self.state.sessions.budget.check_bytes(
+                0, [{"role": "system", "content": config["instructions"]}]
+            )
         defaults = dict(session.settings.get("defaults", {}))
         defaults.update({k: v for k, v in config.items() if k not in ("instructions", "tools")})
         self.state.sessions.update(
@@ -248,7 +265,7 @@ class SessionConnection:
                 "the session holds the maximum number of items",
                 event.get("event_id"),
             )
-        self.state.sessions.append(session, [message])
+        await self.state.sessions.add_items(session, [message])
         await self.send(
             {
                 "type": "conversation.item.added",
@@ -304,14 +321,7 @@ class SessionConnection:
                 event.get("event_id"),
             )
         merged = {**session.settings.get("defaults", {}), **config}
-        body = {
-            "max_tokens": merged.get("max_output_tokens"),
-            "temperature": merged.get("temperature"),
-            "top_p": merged.get("top_p"),
-            "seed": merged.get("seed"),
-            "stop": merged.get("stop"),
-        }
-        params = sampling_from_openai(body, self.state.limits.max_output_tokens)
+        params = self._sampling(merged)
         generate = config.get("generate", True)
         if not generate:
             params.max_tokens = 1  # prefill only: one token is computed, then discarded
@@ -320,6 +330,19 @@ class SessionConnection:
         response = ResponseRun(self, session, f"resp_{secrets.token_hex(12)}", params, tool_choice)
         self.response_task = asyncio.create_task(response.run(generate))
         await asyncio.sleep(0)  # let response.created go out before the next event is read
+
+    def _sampling(self, config: dict[str, Any]) -> SamplingParams:
+        """Sampling parameters of a session / response config; APIError for a bad value (so
+        that a session default is refused when it is set, not at every later response)."""
+        body = {
+            "max_tokens": config.get("max_output_tokens"),
+            "temperature": config.get("temperature"),
+            "top_p": config.get("top_p"),
+            "seed": config.get("seed"),
+            "stop": config.get("stop"),
+        }
+        check_tool_choice(config.get("tool_choice"))
+        return sampling_from_openai(body, self.state.limits.max_output_tokens)
 
     async def _response_cancel(self, event: dict[str, Any]) -> None:
         task = self.response_task
@@ -339,11 +362,14 @@ async def session_socket(websocket: WebSocket) -> None:
     for proto in offered:
         if proto.startswith(AUTH_SUBPROTOCOL_PREFIX) and authorization is None:
             authorization = "Bearer " + proto[len(AUTH_SUBPROTOCOL_PREFIX) :]
+    binary = MSGPACK_SUBPROTOCOL in offered
     try:
         owner = state.owner_for(authorization)
     except APIError:
+        # Accepted first so that the client sees the close code (PROTOCOL.md: 4001), not a
+        # bare HTTP 403; no event is read from it.
+        await websocket.accept()
         await websocket.close(CLOSE_AUTH, "invalid or missing API key")
         return
-    binary = MSGPACK_SUBPROTOCOL in offered
     await websocket.accept(subprotocol=MSGPACK_SUBPROTOCOL if binary else None)
     await SessionConnection(websocket, state, owner, binary).serve()

@@ -12,6 +12,7 @@ if TYPE_CHECKING:  # torch only for annotations: request/scheduler bookkeeping s
     import torch
 
 MAX_TOP_LOGPROBS = 20
+MAX_SEED = 1 << 64  # torch.Generator.manual_seed takes a uint64
 
 
 class LogitsProcessor(Protocol):
@@ -82,8 +83,8 @@ class SamplingParams:
             f"min_p must be in [0, 1], got {self.min_p!r}",
         )
         _require(
-            self.seed is None or isinstance(self.seed, int),
-            f"seed must be an integer, got {self.seed!r}",
+            self.seed is None or (isinstance(self.seed, int) and 0 <= self.seed < MAX_SEED),
+            f"seed must be an integer in [0, 2**64), got {self.seed!r}",
         )
         _require(
             isinstance(self.stop, list) and all(isinstance(s, str) and s for s in self.stop),

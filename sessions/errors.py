@@ -33,6 +33,12 @@ class InvalidSessionInputError(SessionError):
     code = "invalid_request"
 
 
+class HistoryTooLongError(InvalidSessionInputError):
+    """The conversation would no longer fit the model's context (or its byte budget)."""
+
+    code = "context_length_exceeded"
+
+
 class SessionMovedError(SessionError):
     """Another live instance owns the session; ``owner_url`` is where to send the client."""
 

@@ -11,12 +11,14 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from engine.async_engine import AsyncEngine
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 from sessions.errors import (
+    HistoryTooLongError,
     InvalidSessionInputError,
     SessionAccessError,
     SessionBusyError,
@@ -24,14 +26,17 @@ from sessions.errors import (
     SessionMovedError,
     SessionNotFoundError,
 )
+from sessions.history_budget import HistoryBudget, count_item_tokens, message_bytes, utf8_len
+from sessions.owner_keys import OwnerKeys
 from sessions.ownership import SessionOwnership
 from sessions.policy import PauseDecision, PausePolicy
-from sessions.prompt import common_prefix_len, turn_prompt
+from sessions.prompt import common_prefix_len, render_conversation, turn_prompt
 from sessions.record_store import MemoryRecordStore, SessionRecordStore
 from sessions.session import Session, SessionState, TurnRecord, TurnUsage
 
 MESSAGE_ROLES = {"system", "user", "assistant", "tool"}
 MESSAGE_FIELDS = {"role", "content", "name", "tool_call_id", "tool_calls"}
+NUM_TOKENIZE_WORKERS = 2
 
 
 class SessionManager:
@@ -40,6 +45,10 @@ class SessionManager:
     All methods run on the caller's event loop thread; engine bookkeeping goes through
     ``AsyncEngine.run_exclusive``. Errors are ``sessions.errors.SessionError`` subclasses and
     leave every session unchanged.
+
+    A session's history is bounded by ``budget`` (default: the engine's context length, see
+    ``sessions.history_budget``); an item that would not fit is refused when it arrives. The
+    async methods tokenize and render in a small dedicated thread pool, never on the loop.
     """
 
     def __init__(
@@ -49,6 +58,8 @@ class SessionManager:
         policy: PausePolicy | None = None,
         persist_kv: bool = True,
         ownership: SessionOwnership | None = None,
+        budget: HistoryBudget | None = None,
+        owner_keys: OwnerKeys | None = None,
     ) -> None:
         self.engine = engine
         self.llm = engine.engine
@@ -59,6 +70,10 @@ class SessionManager:
         self._sessions: dict[str, Session] = {}
         # Several instances sharing one Redis: session leases (None = single instance).
         self.ownership = ownership
+        self.budget = budget or HistoryBudget.for_context(self.llm.max_model_len)
+        self._tokenize_pool = ThreadPoolExecutor(NUM_TOKENIZE_WORKERS, "tarry-tokenize")
+        # API key -> the owner id records store (a keyed hash; legacy clear-text records load).
+        self.owner_keys = owner_keys or OwnerKeys()
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -71,6 +86,7 @@ class SessionManager:
     ) -> Session:
         session = Session(owner=owner, tools=list(tools or []), settings=dict(settings or {}))
         if instructions:
+            self.budget.check_bytes(0, [{"role": "system", "content": instructions}])
             session.messages.append({"role": "system", "content": instructions})
         self._sessions[session.session_id] = session
         if self.ownership is not None:
@@ -104,6 +120,7 @@ class SessionManager:
             if record is None:
                 raise SessionNotFoundError(f"no session {session_id!r}")
             session = Session.from_record(record)
+            session.owner = self.owner_keys.from_stored(session.owner)
         if session.owner != owner:
             raise SessionAccessError(f"no session {session_id!r}")
         if session.state is SessionState.CLOSED:
@@ -200,14 +217,84 @@ class SessionManager:
         self.records.save(session.to_record())
 
     def append(self, session: Session, items: list[dict[str, Any]]) -> None:
-        """Add messages (``{"role", "content"}``; tool results use role ``tool``)."""
+        """Add messages (``{"role", "content"}``; tool results use role ``tool``).
+
+        Raises InvalidSessionInputError for a malformed message and HistoryTooLongError
+        (``context_length_exceeded``) when the history would outgrow ``budget``. Tokenizes the
+        new items on the calling thread: event-loop callers use ``add_items``.
+        """
+        self._check_items(session, items)
+        self._commit_items(session, items, count_item_tokens(self.tokenizer, items))
+
+    async def add_items(self, session: Session, items: list[dict[str, Any]]) -> None:
+        """``append`` for the event loop: the checks that need no tokenizer run at once, the
+        new items are tokenized in the tokenizer pool (their size is bounded by then), and
+        the session is checked again before it changes."""
+        self._check_items(session, items)
+        loop = asyncio.get_running_loop()
+        num_tokens = await loop.run_in_executor(
+            self._tokenize_pool, count_item_tokens, self.tokenizer, items
+        )
+        self._check_items(session, items)  # the session may have changed meanwhile
+        self._commit_items(session, items, num_tokens)
+
+    def _check_items(self, session: Session, items: list[dict[str, Any]]) -> None:
         self._require_idle(session)
         for item in items:
             _validate_message(item)
+        history_bytes = sum(message_bytes(m) for m in session.messages)
+        self.budget.check_bytes(history_bytes, items)
+
+    def _commit_items(self, session: Session, items: list[dict[str, Any]], num_tokens: int) -> None:
+        num_pending = session.num_pending_tokens + num_tokens
+        self.budget.check_tokens(len(session.token_ids) + num_pending)
         self._confirm_ownership(session)
         session.messages.extend(dict(item) for item in items)
         session.num_pending_tool_results += sum(1 for item in items if item["role"] == "tool")
+        session.num_pending_tokens = num_pending
         self.records.save(session.to_record())
+
+    async def prompt_for(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None
+    ) -> list[int]:
+        """Prompt token ids of a sessionless chat (OpenAI HTTP), under the same budget: the
+        byte bound is checked first, rendering and tokenizing run in the tokenizer pool.
+        Raises HistoryTooLongError, or InvalidSessionInputError (also when the chat template
+        fails on the messages)."""
+        for message in messages:
+            if not isinstance(message.get("content"), str):
+                raise InvalidSessionInputError("content must be a string")
+        self.budget.check_bytes(0, messages)
+        try:
+            prompt = await asyncio.get_running_loop().run_in_executor(
+                self._tokenize_pool, self._render_and_tokenize, messages, tools
+            )
+        except Exception as exc:  # jinja, KeyError, ...: the messages are the client's
+            raise InvalidSessionInputError(
+                f"the chat template cannot render these messages: {exc}"
+            ) from exc
+        self.budget.check_tokens(len(prompt))
+        return prompt
+
+    async def tokenize_text(self, text: str) -> list[int]:
+        """A raw completion prompt's token ids (bounded like a history, tokenized off the loop)."""
+        if utf8_len(text) > self.budget.max_bytes:
+            raise HistoryTooLongError(f"the prompt is over {self.budget.max_bytes} bytes")
+        ids = await asyncio.get_running_loop().run_in_executor(
+            self._tokenize_pool, self.llm.tokenize, text
+        )
+        self.budget.check_tokens(len(ids))
+        return ids
+
+    def _render_and_tokenize(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None
+    ) -> list[int]:
+        text = render_conversation(self.tokenizer, messages, tools)
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def close_pool(self) -> None:
+        """Stop the tokenizer threads (server shutdown)."""
+        self._tokenize_pool.shutdown(wait=False, cancel_futures=True)
 
     async def generate(
         self,
@@ -227,7 +314,17 @@ class SessionManager:
         if not session.messages:
             raise InvalidSessionInputError("the session has no messages to answer")
         self._confirm_ownership(session)
-        prompt = turn_prompt(self.tokenizer, session.token_ids, session.messages, session.tools)
+        # Off the loop: rendering and tokenizing a history (bounded by the budget) takes time.
+        prompt = await asyncio.get_running_loop().run_in_executor(
+            self._tokenize_pool,
+            turn_prompt,
+            self.tokenizer,
+            list(session.token_ids),
+            list(session.messages),
+            list(session.tools),
+        )
+        self._require_idle(session)  # another caller may have started a turn meanwhile
+        self.budget.check_tokens(len(prompt))
         request_id = f"{session.session_id}-turn{session.num_turns}-{time.monotonic_ns()}"
         session.transition(SessionState.ACTIVE)
         produced: list[int] = []
@@ -268,6 +365,7 @@ class SessionManager:
         final: RequestOutput,
     ) -> None:
         session.token_ids = [*prompt, *produced]
+        session.num_pending_tokens = 0
         session.messages.append({"role": "assistant", "content": text})
         session.num_turns += 1
         session.last_usage = TurnUsage(
@@ -337,6 +435,7 @@ class SessionManager:
         kept = session.messages
         rendered_ids = turn_prompt(self.tokenizer, [], kept, session.tools) if kept else []
         session.token_ids = session.token_ids[: common_prefix_len(session.token_ids, rendered_ids)]
+        session.num_pending_tokens = max(0, len(rendered_ids) - len(session.token_ids))
         if session.state is SessionState.PAUSED:
             self._pin(session)
         self.records.save(session.to_record())

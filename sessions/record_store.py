@@ -112,7 +112,12 @@ class RedisRecordStore(SessionRecordStore):
         return self._healthy
 
     def save(self, record: dict[str, Any]) -> bool:
-        session_id, value = record["session_id"], msgpack.packb(record)
+        session_id = record["session_id"]
+        try:
+            value = msgpack.packb(record)
+        except (TypeError, ValueError, OverflowError) as exc:  # input checks should prevent it
+            logger.error("session %s record not written: it cannot be encoded: %s", session_id, exc)
+            return False
         try:
             if self.instance_id is not None:
                 written = self._fenced(_FENCED_SET, session_id, value, self.ttl_s)

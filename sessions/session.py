@@ -92,6 +92,9 @@ class Session:
     turns: deque[TurnRecord] = field(default_factory=lambda: deque(maxlen=MAX_TURN_RECORDS))
     num_pending_tool_results: int = 0  # tool results appended since the last turn
     last_turn_ended_at: float | None = None  # monotonic
+    # Estimated tokens of the messages added since ``token_ids`` were last set (a turn's end
+    # or a truncation): with ``len(token_ids)`` the history's size (sessions.history_budget).
+    num_pending_tokens: int = 0
 
     @property
     def cache_salt(self) -> str:
@@ -122,6 +125,7 @@ class Session:
             "settings": self.settings,
             "created_at": self.created_at,
             "num_turns": self.num_turns,
+            "num_pending_tokens": self.num_pending_tokens,
             "closed": self.state is SessionState.CLOSED,
         }
 
@@ -138,4 +142,5 @@ class Session:
             state=SessionState.CLOSED if record.get("closed") else SessionState.OFFLOADED,
             created_at=float(record.get("created_at", time.time())),
             num_turns=int(record.get("num_turns", 0)),
+            num_pending_tokens=int(record.get("num_pending_tokens", 0)),
         )

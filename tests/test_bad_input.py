@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
-import pytest
+import json
 
+import httpx
+import msgpack
+import pytest
+import redis
+
+from api.server import ServeOptions
 from engine.config import EngineConfig
 from engine.errors import InvalidRequestError, ModelLoadError
 from engine.llm_engine import LLMEngine
 from engine.model_loader import load_model
 from engine.sampling_params import SamplingParams
+from sessions.redis_keys import session_record_key
+from tests.api_helpers import ProtocolClient, live_server
 from tests.helpers import make_engine
 
 BAD_PARAMS = [
@@ -24,6 +32,8 @@ BAD_PARAMS = [
     ({"min_tokens": 50, "max_tokens": 10}, "min_tokens"),
     ({"stop": [""]}, "stop"),
     ({"stop_token_ids": [-1]}, "stop_token_ids"),
+    ({"seed": 2**64}, "seed"),
+    ({"seed": -1}, "seed"),
 ]
 
 
@@ -90,3 +100,101 @@ def test_memory_budget_in_bytes_sizes_the_pool(smollm2):
     engine = LLMEngine(smollm2, EngineConfig(kv_cache_bytes=per_block * 40 + 5))
     assert engine.kv_manager.pool.num_blocks == 40
     assert engine.max_model_len == 40 * 16
+
+
+# -- the served API (issue 14, item 10): typed errors, never a 500 or a poisoned session --------
+
+KEY = "bad-input-key"
+HTTP_BAD_BODIES = [
+    ({"seed": 2**64}, "seed"),
+    ({"seed": -1}, "seed"),
+    ({"stream": True, "stream_options": 5}, "stream_options"),
+    ({"messages": [{"role": "assistant", "content": "", "tool_calls": "zzz"}]}, "tool_calls"),
+    ({"tools": [{"type": "python"}], "tool_choice": 123}, "tool_choice"),
+]
+
+
+@pytest.fixture(scope="module")
+def server(smollm2, redis_server):
+    options = ServeOptions(redis_url=redis_server, api_keys=(KEY,))
+    with live_server(smollm2, options) as running:
+        yield running
+
+
+def _chat(base_url: str, body: bytes | dict) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return httpx.post(
+        base_url + "/v1/chat/completions", content=content, headers=headers, timeout=60
+    )
+
+
+def _assert_openai_error(reply: httpx.Response, status: int = 400) -> dict:
+    assert reply.status_code == status, reply.text
+    error = reply.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    assert error["type"] == "invalid_request_error"
+    return error
+
+
+def test_http_bad_values_get_typed_400s(server):
+    base_url, _ = server
+    for overrides, name in HTTP_BAD_BODIES:
+        body = {"model": "tarry", "messages": [{"role": "user", "content": "Hi"}], **overrides}
+        error = _assert_openai_error(_chat(base_url, body))
+        assert name in error["message"] or error["param"] == name or "64 bits" in error["message"]
+    surrogate = b'{"model": "tarry", "messages": [{"role": "user", "content": "a\\ud800b"}]}'
+    assert "surrogate" in _assert_openai_error(_chat(base_url, surrogate))["message"]
+    deep = b'{"model": "tarry", "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    assert "deep" in _assert_openai_error(_chat(base_url, deep))["message"]
+    completion = httpx.post(
+        base_url + "/v1/completions",
+        json={"prompt": "Hi", "seed": 2**64, "max_tokens": 2},
+        headers={"Authorization": f"Bearer {KEY}"},
+        timeout=60,
+    )
+    assert "64 bits" in _assert_openai_error(completion)["message"]
+    good = _chat(base_url, {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4})
+    assert good.status_code == 200
+
+
+def test_websocket_bad_seed_and_lone_surrogate_leave_the_session_usable(server, redis_server):
+    base_url, state = server
+    ws = ProtocolClient(base_url, KEY)
+    try:
+        session_id = ws.create_session("Be terse.")["id"]
+        ws.user("What is the capital of France?")
+        for seed in (2**64, -1):
+            ws.send({"type": "response.create", "event_id": "s", "response": {"seed": seed}})
+            event = ws.recv()
+            assert event["type"] == "error" and event["error"]["event_id"] == "s", event
+            message = event["error"]["message"]
+            assert "seed" in message or "64 bits" in message, event
+        for bad in ({"seed": 2**64}, {"max_output_tokens": 10**30}, {"tool_choice": 123}):
+            ws.send({"type": "session.update", "session": bad})  # a default is refused at once
+            assert ws.recv()["type"] == "error", bad
+        lone = '{"type":"conversation.item.create","item":{"type":"message","role":"user",'
+        ws.send_raw(lone + '"content":"a\\ud800b"}}')
+        error = ws.recv()["error"]
+        assert error["code"] == "invalid_event" and "surrogate" in error["message"]
+        ws.send_raw("[" * 100_000 + "]" * 100_000)
+        assert ws.recv()["error"]["code"] == "invalid_frame"
+        ws.send_raw('{"type":"session.update","session":{"instructions":"\\udfff"}}')
+        assert ws.recv()["error"]["code"] == "invalid_event"
+        text, done = ws.respond(temperature=0, max_output_tokens=20)
+        assert "Paris" in text and done["status"] == "completed"
+        # The record is written and readable (Redis), the REST view answers.
+        raw = redis.Redis.from_url(redis_server).get(session_record_key("tarry", session_id))
+        assert raw is not None and len(msgpack.unpackb(raw)["messages"]) == 3
+        rest = httpx.get(
+            f"{base_url}/v1/sessions/{session_id}",
+            headers={"Authorization": f"Bearer {KEY}"},
+            timeout=30,
+        )
+        assert rest.status_code == 200
+        ws.user("And of Italy?")
+        text, done = ws.respond(temperature=0, max_output_tokens=20)
+        assert done["status"] == "completed"
+    finally:
+        ws.close()
+    state.sessions.check_integrity()

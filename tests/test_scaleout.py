@@ -168,7 +168,7 @@ def test_take_over_race_has_exactly_one_winner_and_fences_the_loser(
     client = shared_redis.client()
     managers = [_manager(smollm2, client, f"http://instance-{i}") for i in range(2)]
     try:
-        session = Session(owner="key:race", messages=[{"role": "user", "content": "hi"}])
+        session = Session(owner="tenant:race", messages=[{"role": "user", "content": "hi"}])
         managers[0].records.save(session.to_record())
         lease_key = session_lease_key("tarry", session.session_id)
         client.set(lease_key, "inst_dead", px=60_000)  # an instance that is not registered
@@ -179,7 +179,7 @@ def test_take_over_race_has_exactly_one_winner_and_fences_the_loser(
         def attempt(i: int) -> None:
             barrier.wait()
             try:
-                outcomes[i] = managers[i].get(session.session_id, "key:race")
+                outcomes[i] = managers[i].get(session.session_id, "tenant:race")
             except SessionMovedError as exc:
                 outcomes[i] = exc
 
@@ -199,7 +199,7 @@ def test_take_over_race_has_exactly_one_winner_and_fences_the_loser(
 
         # A live owner keeps the session unless the caller migrates; the old owner then learns
         # at its next heartbeat that it lost the lease and redirects to the new one.
-        stolen = managers[loser].get(session.session_id, "key:race", migrate=True)
+        stolen = managers[loser].get(session.session_id, "tenant:race", migrate=True)
         assert stolen.messages == session.messages
         stolen.messages.append({"role": "user", "content": "written by the new owner"})
         assert managers[loser].records.save(stolen.to_record())
@@ -227,7 +227,7 @@ def test_take_over_race_has_exactly_one_winner_and_fences_the_loser(
         assert not old_owner.leases.holds(session.session_id)
         old_owner.beat()  # (or its heartbeat thread did already)
         try:
-            managers[winner].get(session.session_id, "key:race")
+            managers[winner].get(session.session_id, "tenant:race")
             raise AssertionError("the old owner still served a session it lost")
         except SessionMovedError as exc:
             assert exc.owner_url == f"http://instance-{loser}"
@@ -309,7 +309,7 @@ def test_cluster_down_at_start_up_degrades_then_recovers(tmp_path: Path) -> None
         ownership = SessionOwnership(client, "http://me", ttl_s=2.0)
         records = RedisRecordStore(client, instance_id=ownership.instance_id)
         ownership.start()
-        session = Session(owner="key:local", messages=[{"role": "user", "content": "hi"}])
+        session = Session(owner="tenant:local", messages=[{"role": "user", "content": "hi"}])
         assert ownership.leases.acquire(session.session_id)  # held locally meanwhile
         assert not records.save(session.to_record()) and not records.healthy
         assert records.load(session.session_id) is None

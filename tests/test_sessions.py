@@ -12,6 +12,7 @@ import redis
 
 from engine.model_loader import load_model
 from sessions.errors import (
+    HistoryTooLongError,
     InvalidSessionInputError,
     SessionAccessError,
     SessionBusyError,
@@ -307,7 +308,13 @@ def test_session_errors_leave_state_unchanged(stack):
         manager.append(session, [{"role": "user", "content": 42}])
     with pytest.raises(InvalidSessionInputError):
         manager.truncate(session, 5)
-    assert len(session.messages) == 1
+    with pytest.raises(HistoryTooLongError):  # over the tiny model's context
+        manager.append(session, [{"role": "user", "content": "word " * 3000}])
+    with pytest.raises(HistoryTooLongError):  # over the byte bound: refused before tokenizing
+        manager.append(session, [{"role": "user", "content": "x" * (2048 * 32 + 1)}])
+    with pytest.raises(InvalidSessionInputError, match="surrogate"):
+        manager.append(session, [{"role": "user", "content": "a\ud800"}])
+    assert len(session.messages) == 1 and session.num_pending_tokens == 0
     with pytest.raises(SessionNotFoundError):
         manager.get("sess_missing", "alice")
     with pytest.raises(SessionAccessError):
