@@ -20,7 +20,8 @@ temperature 0, ``ignore_eos`` where the protocol has it.
 TTFT = request sent -> first streamed text. Reported: wall time, TTFT medians of the first and
 second half of the turns (turns 1-4 and 5-8 at K=8), generation throughput (output tokens /
 wall), prompt and cached tokens from usage, and the diff of the server's ``/metrics`` counters
-(Tarry: cached tokens per tier; vLLM: prefix-cache queries/hits). A random ``run tag`` leads
+(Tarry: cached tokens per tier, counted for HTTP requests only; over ``ws`` the per-tier split
+comes from usage, ``restored_tokens``; vLLM: prefix-cache queries/hits). A random ``run tag`` leads
 the system prompt, so a run never reuses KV that an earlier run left on the same server.
 """
 
@@ -72,6 +73,7 @@ class Turn:
     latency_s: float
     prompt_tokens: int
     cached_tokens: int
+    restored_tokens: int | None  # of the cached, from host memory / Redis (sessions only)
     output_tokens: int
 
 
@@ -116,7 +118,9 @@ def http_reply(
     assert usage is not None, "the stream ended without usage (stream_options.include_usage)"
     details = usage.prompt_tokens_details
     cached = (details.cached_tokens or 0) if details else 0
-    record = Turn(agent, turn, ttft, latency, usage.prompt_tokens, cached, usage.completion_tokens)
+    record = Turn(
+        agent, turn, ttft, latency, usage.prompt_tokens, cached, None, usage.completion_tokens
+    )
     return record, "".join(pieces)
 
 
@@ -179,8 +183,17 @@ def ws_reply(ws: ClientConnection, work: Workload, agent: int, turn: int) -> Tur
     latency = time.perf_counter() - start
     usage = event["response"]["usage"]
     assert ws_recv(ws)["type"] == "session.state"
-    cached = usage["input_token_details"]["cached_tokens"]
-    return Turn(agent, turn, ttft, latency, usage["input_tokens"], cached, usage["output_tokens"])
+    details = usage["input_token_details"]
+    return Turn(
+        agent,
+        turn,
+        ttft,
+        latency,
+        usage["input_tokens"],
+        details["cached_tokens"],
+        details.get("restored_tokens"),
+        usage["output_tokens"],
+    )
 
 
 def ws_agent(target: Target, work: Workload, agent: int, barrier: threading.Barrier) -> list[Turn]:
@@ -244,6 +257,7 @@ def summarise(turns: list[Turn], wall: float, work: Workload) -> dict[str, Any]:
     output = sum(t.output_tokens for t in turns)
     prompt = sum(t.prompt_tokens for t in turns)
     cached = sum(t.cached_tokens for t in turns)
+    restored = [t.restored_tokens for t in turns if t.restored_tokens is not None]
     return {
         "wall_s": wall,
         "ttft_early_median_ms": median_ttft_ms(turns, 0, half),
@@ -255,6 +269,7 @@ def summarise(turns: list[Turn], wall: float, work: Workload) -> dict[str, Any]:
         "throughput_tok_s": output / wall,
         "prompt_tokens": prompt,
         "cached_tokens": cached,
+        "restored_tokens": sum(restored) if restored else None,
         "recomputed_tokens": prompt - cached,
         "cached_fraction": cached / prompt if prompt else 0.0,
         "short_replies": sum(t.output_tokens < work.max_tokens for t in turns),
@@ -280,6 +295,8 @@ def print_summary(label: str, summary: dict[str, Any], counters: dict[str, float
         f"prompt tokens        {s['prompt_tokens']}, cached {s['cached_tokens']}"
         f" ({100 * s['cached_fraction']:.1f}%), recomputed {s['recomputed_tokens']}"
     )
+    if s["restored_tokens"] is not None:
+        print(f"restored tokens      {s['restored_tokens']} of the cached, from host / Redis")
     if s["short_replies"] or s["turns_without_text"]:
         print(
             f"note                 {s['short_replies']} replies ended before max_tokens,"

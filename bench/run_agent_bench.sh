@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Tarry (HTTP, session WebSocket) vs vLLM (HTTP) on the agent workload, one after another.
+#
+# Both servers must already be up, with the same KV pool (15,360 tokens):
+#   PYTHONPATH=$PWD .venv/bin/tarry serve --kv-cache-gib 0.6592 --port 8000
+#   /work/vllm-venv/bin/python -m vllm.entrypoints.openai.api_server --model /work/smollm2-hf \
+#     --served-model-name tarry --enable-prefix-caching --enable-prompt-tokens-details \
+#     --block-size 128 --num-gpu-blocks-override 120 --dtype float32 --port 8100
+#
+#   bench/run_agent_bench.sh [extra agent_bench.py flags, e.g. --agents 2 --turns 2]
+#
+# Env: TARRY_URL (http://127.0.0.1:8000), VLLM_URL (http://127.0.0.1:8100),
+# PYTHON (the interpreter with openai + websockets; default .venv/bin/python or python3),
+# OUT_DIR (where the three JSON results go; default a new temporary folder).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+TARRY_URL=${TARRY_URL:-http://127.0.0.1:8000}
+VLLM_URL=${VLLM_URL:-http://127.0.0.1:8100}
+if [[ -z "${PYTHON:-}" ]]; then
+    if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
+fi
+OUT_DIR=${OUT_DIR:-$(mktemp -d /tmp/agent_bench.XXXXXX)}
+
+"$PYTHON" bench/agent_bench.py --base-url "$TARRY_URL" --protocol http --label tarry_http \
+    --json-out "$OUT_DIR/tarry_http.json" "$@"
+"$PYTHON" bench/agent_bench.py --base-url "$TARRY_URL" --protocol ws --label tarry_ws \
+    --json-out "$OUT_DIR/tarry_ws.json" "$@"
+"$PYTHON" bench/agent_bench.py --base-url "$VLLM_URL" --protocol http --label vllm_http \
+    --json-out "$OUT_DIR/vllm_http.json" "$@"
+
+"$PYTHON" - "$OUT_DIR" <<'EOF'
+import json
+import sys
+
+runs = {n: json.load(open(f"{sys.argv[1]}/{n}.json"))["summary"] for n in
+        ("tarry_http", "tarry_ws", "vllm_http")}
+peer = runs["vllm_http"]
+
+
+def ratio(a, b):
+    return "-" if a is None or b is None or b == 0 else f"{a / b:.2f}x"
+
+
+print(f"\n=== ratios vs vLLM HTTP (results in {sys.argv[1]}) ===")
+print("run         | wall s | speed-up (vLLM wall / wall) | late TTFT / vLLM's | tok/s / vLLM's"
+      " | cached %")
+for name, s in runs.items():
+    print(f"{name:<11} | {s['wall_s']:6.1f} | {ratio(peer['wall_s'], s['wall_s']):>27} |"
+          f" {ratio(s['ttft_late_median_ms'], peer['ttft_late_median_ms']):>18} |"
+          f" {ratio(s['throughput_tok_s'], peer['throughput_tok_s']):>14} |"
+          f" {100 * s['cached_fraction']:7.1f}")
+print("targets: speed-up WS >= 2x, HTTP >= 1.5x; late TTFT <= 0.5x")
+EOF
