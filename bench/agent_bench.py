@@ -21,8 +21,13 @@ TTFT = request sent -> first streamed text. Reported: wall time, TTFT medians of
 second half of the turns (turns 1-4 and 5-8 at K=8), generation throughput (output tokens /
 wall), prompt and cached tokens from usage, and the diff of the server's ``/metrics`` counters
 (Tarry: cached tokens per tier, counted for HTTP requests only; over ``ws`` the per-tier split
-comes from usage, ``restored_tokens``; vLLM: prefix-cache queries/hits). A random ``run tag`` leads
-the system prompt, so a run never reuses KV that an earlier run left on the same server.
+comes from usage, ``restored_tokens``; vLLM: prefix-cache queries/hits).
+
+The prompts are the same in every run (greedy replies are comparable across servers), so that a
+run cannot reuse KV an earlier run left on the same server, each run has its own cache salt:
+a random API key by default (Tarry salts its prefix cache per key) and, when the server is
+vLLM (``owned_by: vllm`` in ``/v1/models``), the same string as vLLM's ``cache_salt`` field.
+Other servers: restart them between runs.
 """
 
 from __future__ import annotations
@@ -60,7 +65,6 @@ class Workload:
     tool_words: int
     seed: int
     ignore_eos: bool
-    run_tag: str
 
 
 @dataclass
@@ -75,13 +79,15 @@ class Turn:
     cached_tokens: int
     restored_tokens: int | None  # of the cached, from host memory / Redis (sessions only)
     output_tokens: int
+    text: str  # the reply (greedy: comparable across servers and protocols)
 
 
 @dataclass(frozen=True)
 class Target:
     base_url: str  # without /v1
     model: str
-    api_key: str
+    api_key: str  # one key for all agents (Tarry: also the prefix-cache salt)
+    cache_salt: str | None  # vLLM's per-request salt; None for other servers
 
 
 # -- OpenAI HTTP ------------------------------------------------------------------------------
@@ -96,7 +102,9 @@ def http_reply(
     turn: int,
 ) -> tuple[Turn, str]:
     """One streaming chat completion over the whole history: the turn and the reply text."""
-    extra = {"ignore_eos": True} if work.ignore_eos else None
+    extra: dict[str, Any] = {"ignore_eos": True} if work.ignore_eos else {}
+    if target.cache_salt is not None:
+        extra["cache_salt"] = target.cache_salt
     start = time.perf_counter()
     stream = client.chat.completions.create(
         model=target.model,
@@ -105,7 +113,7 @@ def http_reply(
         temperature=0,
         stream=True,
         stream_options={"include_usage": True},
-        extra_body=extra,
+        extra_body=extra or None,
     )
     ttft, pieces, usage = None, [], None
     for chunk in stream:
@@ -118,10 +126,11 @@ def http_reply(
     assert usage is not None, "the stream ended without usage (stream_options.include_usage)"
     details = usage.prompt_tokens_details
     cached = (details.cached_tokens or 0) if details else 0
+    text = "".join(pieces)
     record = Turn(
-        agent, turn, ttft, latency, usage.prompt_tokens, cached, None, usage.completion_tokens
+        agent, turn, ttft, latency, usage.prompt_tokens, cached, None, usage.completion_tokens, text
     )
-    return record, "".join(pieces)
+    return record, text
 
 
 def http_agent(
@@ -133,7 +142,7 @@ def http_agent(
     )
     pauses = pause_rng(agent, work.seed)
     messages: list[Any] = [
-        {"role": "system", "content": system_prompt(work.system_words, work.seed, work.run_tag)},
+        {"role": "system", "content": system_prompt(work.system_words, work.seed)},
         {"role": "user", "content": task_message(agent, work.seed)},
     ]
     barrier.wait()
@@ -176,10 +185,11 @@ def ws_reply(ws: ClientConnection, work: Workload, agent: int, turn: int) -> Tur
     overrides = {"max_output_tokens": work.max_tokens, "temperature": 0}
     start = time.perf_counter()
     ws_send(ws, {"type": "response.create", "response": overrides})
-    ttft = None
+    ttft, pieces = None, []
     while (event := ws_recv(ws))["type"] != "response.done":
-        if event["type"] == "response.output_text.delta" and event["delta"] and ttft is None:
-            ttft = time.perf_counter() - start
+        if event["type"] == "response.output_text.delta" and event["delta"]:
+            ttft = time.perf_counter() - start if ttft is None else ttft
+            pieces.append(event["delta"])
     latency = time.perf_counter() - start
     usage = event["response"]["usage"]
     assert ws_recv(ws)["type"] == "session.state"
@@ -193,6 +203,7 @@ def ws_reply(ws: ClientConnection, work: Workload, agent: int, turn: int) -> Tur
         details["cached_tokens"],
         details.get("restored_tokens"),
         usage["output_tokens"],
+        "".join(pieces),
     )
 
 
@@ -201,7 +212,7 @@ def ws_agent(target: Target, work: Workload, agent: int, barrier: threading.Barr
     url = target.base_url.replace("http://", "ws://", 1).replace("https://", "wss://", 1)
     headers = {"Authorization": f"Bearer {target.api_key}"}
     with connect(url + "/v1/sessions", additional_headers=headers, max_size=None) as ws:
-        instructions = system_prompt(work.system_words, work.seed, work.run_tag)
+        instructions = system_prompt(work.system_words, work.seed)
         ws_send(ws, {"type": "session.create", "session": {"instructions": instructions}})
         assert ws_recv(ws)["type"] == "session.created"
         pauses = pause_rng(agent, work.seed)
@@ -309,13 +320,14 @@ def print_summary(label: str, summary: dict[str, Any], counters: dict[str, float
         print(f"/metrics diff        {key} {value:.0f}")
 
 
-def default_model(base_url: str, api_key: str) -> str:
-    """The first model the server lists."""
+def first_model(base_url: str, api_key: str) -> tuple[str, str]:
+    """The id and ``owned_by`` of the first model the server lists."""
     reply = httpx.get(
         base_url + "/v1/models", headers={"Authorization": f"Bearer {api_key}"}, timeout=30
     )
     reply.raise_for_status()
-    return str(reply.json()["data"][0]["id"])
+    model = reply.json()["data"][0]
+    return str(model["id"]), str(model.get("owned_by", ""))
 
 
 def parse_args() -> argparse.Namespace:
@@ -323,7 +335,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--base-url", default="http://127.0.0.1:8000", help="without /v1")
     parser.add_argument("--protocol", choices=("http", "ws"), default="http")
     parser.add_argument("--model", default=None, help="default: the first of GET /v1/models")
-    parser.add_argument("--api-key", default="bench", help="one key for all agents")
+    parser.add_argument(
+        "--api-key", default=None, help="one key for all agents; default: random per run"
+    )
     parser.add_argument("--agents", type=int, default=8)
     parser.add_argument("--turns", type=int, default=8)
     parser.add_argument("--pause-max-s", type=float, default=2.0)
@@ -332,7 +346,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--tool-words", type=int, default=250)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-ignore-eos", action="store_true", help="HTTP: do not send ignore_eos")
-    parser.add_argument("--run-tag", default=None, help="default: random (no reuse across runs)")
     parser.add_argument("--label", default=None, help="name in the summary and the JSON")
     parser.add_argument("--json-out", default=None, help="also write the results here")
     return parser.parse_args()
@@ -341,7 +354,10 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     base_url = args.base_url.rstrip("/").removesuffix("/v1")
-    target = Target(base_url, args.model or default_model(base_url, args.api_key), args.api_key)
+    api_key = args.api_key or f"bench-{os.urandom(4).hex()}"
+    model, owned_by = first_model(base_url, api_key)
+    cache_salt = api_key if owned_by == "vllm" else None
+    target = Target(base_url, args.model or model, api_key, cache_salt)
     work = Workload(
         agents=args.agents,
         turns=args.turns,
@@ -351,19 +367,19 @@ def main() -> None:
         tool_words=args.tool_words,
         seed=args.seed,
         ignore_eos=args.protocol == "http" and not args.no_ignore_eos,
-        run_tag=args.run_tag or f"run {os.urandom(4).hex()}",
     )
     label = args.label or f"{args.protocol} {base_url} ({target.model})"
     print(
         f"{label}: {work.agents} agents x {work.turns} turns, system ~{work.system_words} words,"
         f" tool results ~{work.tool_words} words, {work.max_tokens} output tokens"
-        f" (ignore_eos {work.ignore_eos}), pauses U(0, {work.pause_max_s}) s, seed {work.seed}",
+        f" (ignore_eos {work.ignore_eos}), pauses U(0, {work.pause_max_s}) s, seed {work.seed},"
+        f" key {api_key}" + (f", cache_salt {cache_salt}" if cache_salt else ""),
         flush=True,
     )
     warm_up(target)
-    before = scrape_counters(base_url, args.api_key)
+    before = scrape_counters(base_url, api_key)
     turns, wall = run_agents(target, work, args.protocol)
-    after = scrape_counters(base_url, args.api_key)
+    after = scrape_counters(base_url, api_key)
     counters = diff_counters(before, after) if before is not None and after is not None else None
     summary = summarise(turns, wall, work)
     print_summary(label, summary, counters)
@@ -373,6 +389,8 @@ def main() -> None:
             "protocol": args.protocol,
             "base_url": base_url,
             "model": target.model,
+            "api_key": api_key,
+            "cache_salt": cache_salt,
             "workload": asdict(work),
             "summary": summary,
             "metrics_diff": counters,

@@ -1,9 +1,7 @@
 """The agent workload's text and the server counters that the agent benchmark diffs.
 
 Pure functions, no I/O except ``scrape_counters``. Every text is deterministic in
-``(seed, agent, turn)`` so that two runs (or two servers) see the same prompts; ``run_tag``
-goes first in the system prompt so that one run cannot reuse the KV cached by an earlier run
-on the same server (prefix caching keys on the whole prefix).
+``(seed, agent, turn)`` so that two runs (or two servers) see the same prompts.
 """
 
 from __future__ import annotations
@@ -50,10 +48,10 @@ def words(rng: random.Random, num_words: int) -> str:
     return " ".join(sentences)
 
 
-def system_prompt(num_words: int, seed: int, run_tag: str) -> str:
+def system_prompt(num_words: int, seed: int) -> str:
     """The agents' shared system prompt (one agent framework, one prompt), ~``num_words``."""
     rng = random.Random(f"system:{seed}")
-    head = f"[{run_tag}] You are a software agent. Follow these rules when you use tools. "
+    head = "You are a software agent. Follow these rules when you use tools. "
     return head + words(rng, num_words)
 
 

@@ -5,7 +5,8 @@
 #   PYTHONPATH=$PWD .venv/bin/tarry serve --kv-cache-gib 0.6592 --port 8000
 #   /work/vllm-venv/bin/python -m vllm.entrypoints.openai.api_server --model /work/smollm2-hf \
 #     --served-model-name tarry --enable-prefix-caching --enable-prompt-tokens-details \
-#     --block-size 128 --num-gpu-blocks-override 120 --dtype float32 --port 8100
+#     --block-size 128 --num-gpu-blocks-override 120 --kv-cache-memory-bytes 707788800 \
+#     --dtype float32 --host 127.0.0.1 --port 8100
 #
 #   bench/run_agent_bench.sh [extra agent_bench.py flags, e.g. --agents 2 --turns 2]
 #
@@ -51,4 +52,15 @@ for name, s in runs.items():
           f" {ratio(s['throughput_tok_s'], peer['throughput_tok_s']):>14} |"
           f" {100 * s['cached_fraction']:7.1f}")
 print("targets: speed-up WS >= 2x, HTTP >= 1.5x; late TTFT <= 0.5x")
+
+
+def replies(name):
+    turns = json.load(open(f"{sys.argv[1]}/{name}.json"))["turns"]
+    return {(t["agent"], t["turn"]): t["text"] for t in turns}
+
+
+peer_replies = replies("vllm_http")
+for name in ("tarry_http", "tarry_ws"):
+    same = sum(text == peer_replies.get(key) for key, text in replies(name).items())
+    print(f"{name}: {same} of {len(peer_replies)} replies identical to vLLM's (greedy)")
 EOF
