@@ -52,10 +52,13 @@ def test_cancellation_aborts_and_frees_blocks(async_engine):
         return seen
 
     assert asyncio.run(cancel_midway()) == 3
-    with async_engine._lock:
-        assert not async_engine.engine.has_unfinished_requests()
+
+    def engine_state() -> tuple[bool, float]:
         async_engine.engine.check_integrity()
-        assert async_engine.engine.kv_manager.usage() == 0.0
+        return async_engine.engine.has_unfinished_requests(), async_engine.engine.kv_manager.usage()
+
+    assert async_engine.run_exclusive(engine_state) == (False, 0.0)
+    assert async_engine.stats.num_running == async_engine.stats.num_waiting == 0
 
 
 def test_invalid_request_raises_before_streaming(async_engine):
