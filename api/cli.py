@@ -59,6 +59,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="session lease / instance registration TTL with --redis-url (failover delay)",
     )
     serve.add_argument(
+        "--shutdown-timeout-s",
+        type=float,
+        default=10.0,
+        help="on SIGTERM, stop accepting and let running responses finish for up to this many "
+        "seconds, then cancel the rest and exit",
+    )
+    serve.add_argument(
         "--host-kv-gib",
         type=float,
         default=1.0,
@@ -131,10 +138,13 @@ def _serve(args: argparse.Namespace) -> int:
 
     from api.app import build_app
     from api.server import ServeOptions, build_state, is_loopback
+    from api.shutdown import DrainingServer
     from sessions.redis_connect import check_redis_url
 
     if not is_loopback(args.host) and not args.api_key:
         raise ValueError(f"--api-key is required to listen on the non-loopback host {args.host}")
+    if args.shutdown_timeout_s < 0:
+        raise ValueError("--shutdown-timeout-s must be >= 0")
     if args.redis_cluster and not args.redis_url:
         raise ValueError("--redis-cluster needs --redis-url (one or more nodes of the cluster)")
     if args.redis_url:
@@ -160,13 +170,17 @@ def _serve(args: argparse.Namespace) -> int:
         flush=True,
     )
     try:
-        uvicorn.run(
+        config = uvicorn.Config(
             build_app(state),
             host=args.host,
             port=args.port,
             log_level="info",
             ws="websockets-sansio",
         )
+        server = DrainingServer(config, state.runner, args.shutdown_timeout_s)
+        server.run()
+        if not server.started:
+            return 3  # uvicorn's start-up failure code (e.g. the port is in use)
     finally:
         state.tools.close()  # kill every sandbox interpreter and remove its directory
         state.runner.shutdown()
