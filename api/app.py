@@ -44,6 +44,7 @@ async def metrics(request: Request) -> Response:
     state.metrics.pool_usage.set(stats.kv_pool_usage)
     state.metrics.requests_running.set(stats.num_running)
     state.metrics.requests_waiting.set(stats.num_waiting)
+    state.metrics.engine_steps.set(stats.num_steps)
     counts = {s.value: 0 for s in SessionState}
     for session in state.sessions.all_sessions():
         counts[session.state.value] += 1

@@ -48,6 +48,9 @@ class Metrics:
             "Requests queued in the engine, not yet scheduled (or preempted)",
             registry=self.registry,
         )
+        self.engine_steps = Gauge(
+            "tarry_engine_steps", "Engine steps run since start", registry=self.registry
+        )
         self.leases_held = Gauge(
             "tarry_session_leases_held",
             "Session leases this instance holds (several instances sharing Redis)",

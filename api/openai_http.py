@@ -208,10 +208,10 @@ async def chat_completions(request: Request) -> Response:
         source = state.runner.generate(engine.tokenize(text), params, cache_salt=owner)
     completion = Completion(state.model_name, "chat")
     pulled = await run_until_disconnect(
-        request.receive, _first_then_rest(_generate(state, source, "chat"))
+        request.receive, _first_then_rest(_generate(state, source, "chat")), state.stopping
     )
     if pulled is None:
-        return _client_gone()
+        return _not_completed(state)
     first, stream = pulled
     outputs = _chain([first] if first else [], stream)
     if body.get("stream"):
@@ -219,6 +219,7 @@ async def chat_completions(request: Request) -> Response:
         return StreamingUntilDisconnect(
             _chat_sse(completion, outputs, parser, include_usage, engine.tokenizer, params),
             media_type="text/event-stream",
+            stop=state.stopping,
         )
 
     async def collect() -> Response:
@@ -243,11 +244,16 @@ async def chat_completions(request: Request) -> Response:
             }
         )
 
-    return await run_until_disconnect(request.receive, collect()) or _client_gone()
+    result = await run_until_disconnect(request.receive, collect(), state.stopping)
+    return result or _not_completed(state)
 
 
-def _client_gone() -> Response:
-    """What a handler returns once its client disconnected (never delivered)."""
+def _not_completed(state: ServerState) -> Response:
+    """What a handler returns when its request was stopped before it completed: a 503 when
+    the server is shutting down, else nothing anyone reads (the client disconnected)."""
+    if state.stopping.is_set():
+        error = APIError("the server is shutting down", code="server_shutting_down", status=503)
+        return JSONResponse(error.body(), status_code=503)
     return Response(status_code=499)
 
 
@@ -359,10 +365,12 @@ async def completions(request: Request) -> Response:
     completion = Completion(state.model_name, "text")
     source = state.runner.generate(prompt, params, cache_salt=owner)
     pulled = await run_until_disconnect(
-        request.receive, _first_then_rest(_generate(state, source, "completions"))
+        request.receive,
+        _first_then_rest(_generate(state, source, "completions")),
+        state.stopping,
     )
     if pulled is None:
-        return _client_gone()
+        return _not_completed(state)
     first, stream = pulled
     outputs = _chain([first] if first else [], stream)
     if body.get("stream"):
@@ -376,7 +384,7 @@ async def completions(request: Request) -> Response:
                 await aclose_quietly(outputs)  # aborts the engine request if the client left
             yield "data: [DONE]\n\n"
 
-        return StreamingUntilDisconnect(sse(), media_type="text/event-stream")
+        return StreamingUntilDisconnect(sse(), "text/event-stream", state.stopping)
 
     async def collect() -> Response:
         async for out in outputs:
@@ -384,7 +392,8 @@ async def completions(request: Request) -> Response:
         result = _text_completion(completion, completion.text)
         return JSONResponse({**result, "usage": completion.usage()})
 
-    return await run_until_disconnect(request.receive, collect()) or _client_gone()
+    result = await run_until_disconnect(request.receive, collect(), state.stopping)
+    return result or _not_completed(state)
 
 
 def _text_completion(completion: Completion, text: str) -> dict[str, Any]:

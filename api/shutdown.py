@@ -2,9 +2,10 @@
 
     SIGTERM ──> stop accepting (listening sockets closed)
            ──> wait until the engine has no running or waiting request, at most ``grace_s``
-           ──> past the deadline: cancel the requests still running (their engine requests
-               are aborted; session turns end PAUSED, as after a dropped connection)
-           ──> uvicorn's shutdown: WebSockets closed with 1012, lifespan shutdown, exit
+           ──> past the deadline: ``ServerState.stopping`` is set; HTTP requests still running
+               are aborted and answered 503 ``server_shutting_down``
+           ──> uvicorn's shutdown: WebSockets closed with 1012 (their running responses are
+               cancelled like on a dropped connection: session turns end PAUSED), exit
 
 The caller then closes sandboxes, stops the engine and releases session leases. A second
 SIGTERM, or SIGINT, shuts down at once (uvicorn's own behaviour, with a short
@@ -20,7 +21,7 @@ from types import FrameType
 
 import uvicorn
 
-from engine.async_engine import AsyncEngine
+from api.state import ServerState
 
 logger = logging.getLogger("tarry.shutdown")
 
@@ -34,10 +35,10 @@ class DrainingServer(uvicorn.Server):
     signal handler. Exits through uvicorn's normal shutdown, so the process exit code is 0.
     """
 
-    def __init__(self, config: uvicorn.Config, runner: AsyncEngine, grace_s: float) -> None:
+    def __init__(self, config: uvicorn.Config, state: ServerState, grace_s: float) -> None:
         config.timeout_graceful_shutdown = CLEANUP_TIMEOUT_S
         super().__init__(config)
-        self.runner = runner
+        self.state = state
         self.grace_s = grace_s
         self.drain_deadline: float | None = None
         self._accepting = True
@@ -55,7 +56,7 @@ class DrainingServer(uvicorn.Server):
 
     def _drain_step(self) -> None:
         assert self.drain_deadline is not None
-        stats = self.runner.stats
+        stats = self.state.runner.stats
         busy = stats.num_running + stats.num_waiting
         if self._accepting:
             self._accepting = False
@@ -69,7 +70,6 @@ class DrainingServer(uvicorn.Server):
         if busy and time.monotonic() < self.drain_deadline:
             return
         if busy:
-            logger.warning("grace period over: cancelling %d request(s)", busy)
-            for task in self.server_state.tasks:
-                task.cancel("server shutting down: grace period over")
+            logger.warning("grace period over: stopping %d request(s)", busy)
+        self.state.stopping.set()
         self.should_exit = True

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import itertools
 import logging
 import queue
@@ -56,6 +57,7 @@ class EngineStats:
     num_running: int = 0
     num_waiting: int = 0
     kv_pool_usage: float = 0.0
+    num_steps: int = 0  # steps run since start (constant while nothing is generating)
 
 
 class EngineDeadError(RuntimeError):
@@ -211,8 +213,8 @@ class AsyncEngine:
         while not self._stopping:
             self._wake.clear()
             self._drain_commands()
+            self._publish_stats()  # a request added (or aborted) shows before its step
             if not self.engine.has_unfinished_requests():
-                self._publish_stats()
                 self._wake.wait(timeout=1.0)
                 continue
             try:
@@ -245,6 +247,7 @@ class AsyncEngine:
             num_running=len(scheduler.running),
             num_waiting=len(scheduler.waiting),
             kv_pool_usage=self.engine.kv_manager.usage(),
+            num_steps=self.engine.num_steps,
         )
 
     def _fail_all(self, exc: BaseException) -> None:
@@ -267,16 +270,12 @@ def _execute(command: _Command) -> None:
         command.future.set_exception(exc)
 
 
-def _deliver(
-    loop: asyncio.AbstractEventLoop, items: list[tuple[asyncio.Queue[Any], Any]]
-) -> None:
+def _deliver(loop: asyncio.AbstractEventLoop, items: list[tuple[asyncio.Queue[Any], Any]]) -> None:
     """Put ``items`` into their queues on ``loop`` (one wake-up); a closed loop is skipped."""
 
     def put_all() -> None:
         for stream_queue, item in items:
             stream_queue.put_nowait(item)
 
-    try:
+    with contextlib.suppress(RuntimeError):  # a closed loop: nobody is listening any more
         loop.call_soon_threadsafe(put_all)
-    except RuntimeError:  # the caller's loop is closed: nobody is listening any more
-        pass

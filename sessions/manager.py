@@ -328,7 +328,8 @@ class SessionManager:
     def _place_kv(
         self, session_id: str, context: list[int], cache_salt: str, decision: PauseDecision
     ) -> None:
-        """On the engine thread, between steps: write-through to the store, then pin / release the blocks."""
+        """On the engine thread, between steps: write-through to the store, then pin / release
+        the blocks."""
         if self.persist_kv or decision is PauseDecision.OFFLOAD:
             self.llm.save_tokens(context, cache_salt)  # no-op without a store
         if decision is PauseDecision.KEEP:
