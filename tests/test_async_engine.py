@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -82,3 +83,38 @@ def test_cli_generate_streams_the_answer(capsys):
 def test_cli_reports_unknown_model(capsys):
     assert main(["generate", "hi", "--model", "/no/such/model"]) == 2
     assert "cannot load model" in capsys.readouterr().err
+
+
+def test_commands_never_block_the_event_loop(async_engine):
+    """While the engine thread is busy (here: a 0.5 s command standing in for a long step),
+    starting a request, aborting and submitting return at once; the request then runs."""
+
+    async def scenario() -> tuple[float, list[int]]:
+        busy = asyncio.ensure_future(async_engine.run_exclusive_async(time.sleep, 0.5))
+        await asyncio.sleep(0.05)  # the engine thread is inside the sleep now
+        started = time.perf_counter()
+        stream = async_engine.generate([1, 2, 3], greedy(4))
+        first = asyncio.ensure_future(stream.__anext__())
+        await asyncio.sleep(0)  # generate ran up to its first wait: the add is queued
+        async_engine.abort("no-such-request")
+        pinned = async_engine.submit(len, [1, 2])
+        enqueue_s = time.perf_counter() - started
+        await busy
+        tokens = (await first).new_token_ids
+        async for out in stream:
+            tokens += out.new_token_ids
+        assert pinned.result() == 2  # queued commands ran, in order, on the engine thread
+        return enqueue_s, tokens
+
+    enqueue_s, tokens = asyncio.run(scenario())
+    assert enqueue_s < 0.1
+    assert len(tokens) == 4
+
+
+def test_run_exclusive_refuses_to_block_an_event_loop(async_engine):
+    async def on_the_loop() -> None:
+        async_engine.run_exclusive(len, [1])
+
+    with pytest.raises(RuntimeError, match="run_exclusive_async"):
+        asyncio.run(on_the_loop())
+    assert async_engine.run_exclusive(len, [1, 2, 3]) == 3  # fine from a plain thread
