@@ -102,9 +102,11 @@ def run_agents(url: str, num_agents: int, max_tokens: int, stop: Any, tokens: An
 def summary(name: str, latencies: list[float]) -> str:
     ordered = sorted(latencies)
     p99 = ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
+    stalls = [ms for ms in ordered if ms > 100]
     return (
         f"{name}: n={len(ordered)} p50={statistics.median(ordered):.1f} ms "
-        f"p99={p99:.1f} ms max={ordered[-1]:.1f} ms"
+        f"p99={p99:.1f} ms max={ordered[-1]:.1f} ms; {len(stalls)} over 100 ms "
+        f"({sum(stalls) / 1000:.1f} s in all)"
     )
 
 
