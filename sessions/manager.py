@@ -40,9 +40,10 @@ class SessionManager:
     All methods run on the caller's event loop thread and never wait for an engine step:
     engine bookkeeping (pins) is queued with ``AsyncEngine.submit`` (commands run in order, so
     a pin is in place before the session's next request) or awaited with
-    ``run_exclusive_async``; only the end of a turn, on a worker thread, waits with
-    ``run_exclusive``. Errors are ``sessions.errors.SessionError`` subclasses and
-    leave every session unchanged.
+    ``run_exclusive_async``. What waits with ``run_exclusive`` runs off the loop: the end of
+    a turn (on a worker thread) and ``offload`` / ``enforce_policy`` / ``check_integrity``
+    (called from tests and benchmarks, not from a handler). Errors are
+    ``sessions.errors.SessionError`` subclasses and leave every session unchanged.
     """
 
     def __init__(
