@@ -21,6 +21,7 @@ from sessions.session import SessionState
 
 
 async def health(request: Request) -> Response:
+    """Liveness and tier health; reads only snapshots, never waits for the engine."""
     state: ServerState = request.app.state.tarry
     tiers = state.sessions.tier_health()
     status = "ok" if all(tiers.values()) else "degraded"
@@ -29,7 +30,7 @@ async def health(request: Request) -> Response:
         "model": state.model_name,
         "engine_running": state.runner.is_running,
         "tiers": tiers,
-        "kv_pool_usage": round(state.runner.engine.kv_usage(), 4),
+        "kv_pool_usage": round(state.runner.stats.kv_pool_usage, 4),
         "time": time.time(),
     }
     ownership = state.sessions.ownership
@@ -42,8 +43,11 @@ async def health(request: Request) -> Response:
 
 async def metrics(request: Request) -> Response:
     state: ServerState = request.app.state.tarry
-    engine = state.runner.engine
-    state.metrics.pool_usage.set(engine.kv_usage())
+    stats = state.runner.stats
+    state.metrics.pool_usage.set(stats.kv_pool_usage)
+    state.metrics.requests_running.set(stats.num_running)
+    state.metrics.requests_waiting.set(stats.num_waiting)
+    state.metrics.engine_steps.set(stats.num_steps)
     counts = {s.value: 0 for s in SessionState}
     for session in state.sessions.all_sessions():
         counts[session.state.value] += 1

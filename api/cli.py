@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import sys
 import time
+from typing import NoReturn
 
 from engine.async_engine import AsyncEngine
 from engine.config import EngineConfig
@@ -58,6 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=10.0,
         help="session lease / instance registration TTL with --redis-url (failover delay)",
+    )
+    serve.add_argument(
+        "--shutdown-timeout-s",
+        type=float,
+        default=10.0,
+        help="on SIGTERM, stop accepting and let running responses finish for up to this many "
+        "seconds, then cancel the rest and exit",
     )
     serve.add_argument(
         "--host-kv-gib",
@@ -153,11 +162,14 @@ def _serve(args: argparse.Namespace) -> int:
     from api.app import build_app
     from api.http_protocol import uvicorn_limits
     from api.server import ServeOptions, build_state, is_loopback
+    from api.shutdown import DrainingServer
     from api.state import Limits
     from sessions.redis_connect import check_redis_url
 
     if not is_loopback(args.host) and not args.api_key:
         raise ValueError(f"--api-key is required to listen on the non-loopback host {args.host}")
+    if args.shutdown_timeout_s < 0:
+        raise ValueError("--shutdown-timeout-s must be >= 0")
     if args.redis_cluster and not args.redis_url:
         raise ValueError("--redis-cluster needs --redis-url (one or more nodes of the cluster)")
     if args.redis_url:
@@ -189,7 +201,7 @@ def _serve(args: argparse.Namespace) -> int:
         flush=True,
     )
     try:
-        uvicorn.run(
+        config = uvicorn.Config(
             build_app(state),
             host=args.host,
             port=args.port,
@@ -197,12 +209,29 @@ def _serve(args: argparse.Namespace) -> int:
             ws="websockets-sansio",
             **uvicorn_limits(state.limits),  # frame / body limits and idle timeouts
         )
+        server = DrainingServer(config, state, args.shutdown_timeout_s)
+        server.run()
+        if not server.started:
+            return 3  # uvicorn's start-up failure code (e.g. the port is in use)
     finally:
         state.tools.close()  # kill every sandbox interpreter and remove its directory
         state.runner.shutdown()
         if state.sessions.ownership is not None:
             state.sessions.ownership.close()  # release leases: other instances take over now
-    return 0
+    exit_now(0)
+
+
+def exit_now(code: int) -> NoReturn:
+    """End a served process once it released everything (sandboxes, engine, leases).
+
+    Skips the interpreter's finalization: tearing down torch / transformers module state
+    takes 5-8 s on a 2-core machine, which would break the shutdown bound of
+    ``--shutdown-timeout-s``. Output is flushed first.
+    """
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def main(argv: list[str] | None = None) -> int:

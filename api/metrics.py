@@ -38,6 +38,19 @@ class Metrics:
         self.pool_usage = Gauge(
             "tarry_kv_pool_usage", "Fraction of device KV blocks in use", registry=self.registry
         )
+        self.requests_running = Gauge(
+            "tarry_requests_running",
+            "Requests the engine is generating (scheduled in the running batch)",
+            registry=self.registry,
+        )
+        self.requests_waiting = Gauge(
+            "tarry_requests_waiting",
+            "Requests queued in the engine, not yet scheduled (or preempted)",
+            registry=self.registry,
+        )
+        self.engine_steps = Gauge(
+            "tarry_engine_steps", "Engine steps run since start", registry=self.registry
+        )
         self.leases_held = Gauge(
             "tarry_session_leases_held",
             "Session leases this instance holds (several instances sharing Redis)",

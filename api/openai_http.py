@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import secrets
 import time
@@ -9,8 +10,9 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 
+from api.disconnect import StreamingUntilDisconnect, aclose_quietly, run_until_disconnect
 from api.errors import APIError, session_moved
 from api.json_input import check_storable, parse_json
 from api.openai_params import sampling_from_openai
@@ -152,7 +154,8 @@ def _chat_logprobs(tokenizer: Any, entries: list[TokenLogprob]) -> dict[str, Any
 async def _generate(
     state: ServerState, source: AsyncIterator[RequestOutput], endpoint: str
 ) -> AsyncIterator[RequestOutput]:
-    """Pass ``source`` through, recording TTFT, usage and request metrics."""
+    """Pass ``source`` through, recording TTFT, usage and request metrics (status 499:
+    the client went away and the request was aborted)."""
     started = time.perf_counter()
     first = True
     try:
@@ -175,6 +178,11 @@ async def _generate(
         status = 400 if isinstance(exc, InvalidSessionInputError) else 409
         state.metrics.requests.labels(endpoint, str(status)).inc()
         raise APIError(str(exc), code=exc.code, status=status) from exc
+    except (asyncio.CancelledError, GeneratorExit):
+        state.metrics.requests.labels(endpoint, "499").inc()
+        raise
+    finally:
+        await aclose_quietly(source)
     state.metrics.requests.labels(endpoint, "200").inc()
 
 
@@ -216,9 +224,21 @@ async def chat_completions(request: Request) -> Response:
             raise APIError(str(exc), code=exc.code, param="messages") from exc
         source = state.runner.generate(prompt, params, cache_salt=owner)
     completion = Completion(state.model_name, "chat")
-    first, stream = await _first_then_rest(_generate(state, source, "chat"))
+    pulled = await run_until_disconnect(
+        request.receive, _first_then_rest(_generate(state, source, "chat")), state.stopping
+    )
+    if pulled is None:
+        return _not_completed(state)
+    first, stream = pulled
     outputs = _chain([first] if first else [], stream)
-    if not body.get("stream"):
+    if body.get("stream"):
+        return StreamingUntilDisconnect(
+            _chat_sse(completion, outputs, parser, include_usage, engine.tokenizer, params),
+            media_type="text/event-stream",
+            stop=state.stopping,
+        )
+
+    async def collect() -> Response:
         async for out in outputs:
             _add_parsed(completion, out, parser)
         choice: dict[str, Any] = {
@@ -239,10 +259,18 @@ async def chat_completions(request: Request) -> Response:
                 "usage": completion.usage(),
             }
         )
-    return StreamingResponse(
-        _chat_sse(completion, outputs, parser, include_usage, engine.tokenizer, params),
-        media_type="text/event-stream",
-    )
+
+    result = await run_until_disconnect(request.receive, collect(), state.stopping)
+    return result or _not_completed(state)
+
+
+def _not_completed(state: ServerState) -> Response:
+    """What a handler returns when its request was stopped before it completed: a 503 when
+    the server is shutting down, else nothing anyone reads (the client disconnected)."""
+    if state.stopping.is_set():
+        error = APIError("the server is shutting down", code="server_shutting_down", status=503)
+        return JSONResponse(error.body(), status_code=503)
+    return Response(status_code=499)
 
 
 def _include_usage(stream_options: Any) -> bool:
@@ -318,18 +346,21 @@ async def _chat_sse(
         return f"data: {json.dumps(payload)}\n\n"
 
     yield chunk({"role": "assistant", "content": ""}, None)
-    async for out in outputs:
-        num_calls = len(completion.tool_calls)
-        visible, calls = _add_parsed(completion, out, parser)
-        logprobs = None
-        if params.logprobs is not None and out.logprobs:
-            logprobs = _chat_logprobs(tokenizer, out.logprobs)
-        if visible or logprobs:
-            yield chunk({"content": visible}, None, logprobs)
-        for offset, call in enumerate(calls):
-            yield chunk({"tool_calls": [openai_tool_call(call, num_calls + offset)]}, None)
-        if out.finished:
-            yield chunk({}, "tool_calls" if completion.tool_calls else completion.finish_reason)
+    try:
+        async for out in outputs:
+            num_calls = len(completion.tool_calls)
+            visible, calls = _add_parsed(completion, out, parser)
+            logprobs = None
+            if params.logprobs is not None and out.logprobs:
+                logprobs = _chat_logprobs(tokenizer, out.logprobs)
+            if visible or logprobs:
+                yield chunk({"content": visible}, None, logprobs)
+            for offset, call in enumerate(calls):
+                yield chunk({"tool_calls": [openai_tool_call(call, num_calls + offset)]}, None)
+            if out.finished:
+                yield chunk({}, "tool_calls" if completion.tool_calls else completion.finish_reason)
+    finally:
+        await aclose_quietly(outputs)  # aborts the engine request if the client left
     if include_usage:
         usage = {
             "id": completion.id,
@@ -360,21 +391,36 @@ async def completions(request: Request) -> Response:
     params = sampling_from_openai(body, state.limits.max_output_tokens)
     completion = Completion(state.model_name, "text")
     source = state.runner.generate(prompt, params, cache_salt=owner)
-    first, stream = await _first_then_rest(_generate(state, source, "completions"))
+    pulled = await run_until_disconnect(
+        request.receive,
+        _first_then_rest(_generate(state, source, "completions")),
+        state.stopping,
+    )
+    if pulled is None:
+        return _not_completed(state)
+    first, stream = pulled
     outputs = _chain([first] if first else [], stream)
-    if not body.get("stream"):
+    if body.get("stream"):
+
+        async def sse() -> AsyncIterator[str]:
+            try:
+                async for out in outputs:
+                    completion.add(out)
+                    yield f"data: {json.dumps(_text_completion(completion, out.new_text))}\n\n"
+            finally:
+                await aclose_quietly(outputs)  # aborts the engine request if the client left
+            yield "data: [DONE]\n\n"
+
+        return StreamingUntilDisconnect(sse(), "text/event-stream", state.stopping)
+
+    async def collect() -> Response:
         async for out in outputs:
             completion.add(out)
         result = _text_completion(completion, completion.text)
         return JSONResponse({**result, "usage": completion.usage()})
 
-    async def sse() -> AsyncIterator[str]:
-        async for out in outputs:
-            completion.add(out)
-            yield f"data: {json.dumps(_text_completion(completion, out.new_text))}\n\n"
-        yield "data: [DONE]\n\n"
-
-    return StreamingResponse(sse(), media_type="text/event-stream")
+    result = await run_until_disconnect(request.receive, collect(), state.stopping)
+    return result or _not_completed(state)
 
 
 def _text_completion(completion: Completion, text: str) -> dict[str, Any]:
@@ -393,10 +439,13 @@ def _text_completion(completion: Completion, text: str) -> dict[str, Any]:
 async def _chain(
     head: list[RequestOutput], rest: AsyncIterator[RequestOutput]
 ) -> AsyncIterator[RequestOutput]:
-    for out in head:
-        yield out
-    async for out in rest:
-        yield out
+    try:
+        for out in head:
+            yield out
+        async for out in rest:
+            yield out
+    finally:
+        await aclose_quietly(rest)
 
 
 async def models(request: Request) -> Response:

@@ -100,7 +100,7 @@ class ResponseRun:
                 "type": "session.state",
                 "session_id": self.session.session_id,
                 "state": self.session.state.value,
-                "kv": self.state.sessions.kv_location(self.session),
+                "kv": await self.state.sessions.kv_location(self.session),
             }
         )
 

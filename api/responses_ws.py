@@ -12,6 +12,7 @@ connection are closed when it ends.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 from typing import Any
@@ -53,33 +54,65 @@ class ResponsesConnection:
         await self.websocket.send_text(json.dumps(event))
 
     async def serve(self) -> None:
+        """Answer ``response.create`` frames one at a time, in order. Frames are read while a
+        response runs, so a dropped connection cancels it at once (its engine request is
+        aborted before the next step), not at the next write."""
+        frames: asyncio.Queue[str | bytes | None] = asyncio.Queue()
+        reader = asyncio.create_task(self._read_frames(frames))
         try:
             while True:
-                raw = await self.websocket.receive_text()
-                event_id = None
-                try:
-                    if len(raw) > self.state.limits.max_frame_bytes:
-                        raise ProtocolError("frame_too_large", "the frame is too large")
-                    try:
-                        request = loads_json(raw)
-                    except ValueError as exc:
-                        raise ProtocolError("invalid_frame", f"not valid JSON: {exc}") from exc
-                    if not isinstance(request, dict) or request.get("type") != "response.create":
-                        raise ProtocolError("unknown_event", "only response.create is accepted")
-                    event_id = request.get("event_id")
-                    await self._respond(request)
-                except ProtocolError as exc:
-                    await self.send(error_event(exc.code, exc.message, exc.event_id or event_id))
-                except (SessionError, APIError, InvalidRequestError) as exc:
-                    code = getattr(exc, "code", "invalid_request")
-                    await self.send(error_event(code, str(exc), event_id))
-        except WebSocketDisconnect:
-            pass
+                frame = await frames.get()
+                if frame is None:
+                    return
+                work = asyncio.create_task(self._handle(frame))
+                await asyncio.wait({work, reader}, return_when=asyncio.FIRST_COMPLETED)
+                if reader.done():  # the client is gone: stop its response, answer no more
+                    work.cancel()
+                    await asyncio.gather(work, return_exceptions=True)
+                    return
+                await work  # an unexpected error ends the connection, as before
         finally:
+            reader.cancel()
+            await asyncio.gather(reader, return_exceptions=True)
             for session in {id(s): s for s in self.sessions_by_response.values()}.values():
                 with contextlib.suppress(SessionError):
                     self.state.sessions.close(session)
                 self.state.tools.close_sandbox(session.session_id)
+
+    async def _read_frames(self, frames: asyncio.Queue[str | bytes | None]) -> None:
+        """Queue every client frame; None (and return) once the connection is gone."""
+        try:
+            while True:
+                message = await self.websocket.receive()
+                if message["type"] == "websocket.disconnect":
+                    return
+                data = message.get("text")
+                frames.put_nowait(data if data is not None else message.get("bytes") or b"")
+        except (WebSocketDisconnect, RuntimeError):
+            return
+        finally:
+            frames.put_nowait(None)
+
+    async def _handle(self, raw: str | bytes) -> None:
+        event_id = None
+        try:
+            if len(raw) > self.state.limits.max_frame_bytes:
+                raise ProtocolError("frame_too_large", "the frame is too large")
+            if isinstance(raw, bytes):
+                raise ProtocolError("invalid_frame", "frames must be JSON text")
+            try:
+                request = loads_json(raw)
+            except ValueError as exc:
+                raise ProtocolError("invalid_frame", f"not valid JSON: {exc}") from exc
+            if not isinstance(request, dict) or request.get("type") != "response.create":
+                raise ProtocolError("unknown_event", "only response.create is accepted")
+            event_id = request.get("event_id")
+            await self._respond(request)
+        except ProtocolError as exc:
+            await self.send(error_event(exc.code, exc.message, exc.event_id or event_id))
+        except (SessionError, APIError, InvalidRequestError) as exc:
+            code = getattr(exc, "code", "invalid_request")
+            await self.send(error_event(code, str(exc), event_id))
 
     async def _session_for(self, request: dict[str, Any], tools: list[dict[str, Any]]) -> Session:
         messages = input_to_messages(request.get("input", []), request.get("event_id"))

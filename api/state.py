@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from dataclasses import dataclass, field
 
@@ -42,6 +43,8 @@ class ServerState:
     api_keys: set[str] = field(default_factory=set)
     limits: Limits = field(default_factory=Limits)
     metrics: Metrics = field(default_factory=Metrics)
+    # Set when the shutdown grace period is over: running HTTP requests end with a 503.
+    stopping: asyncio.Event = field(default_factory=asyncio.Event)
 
     def owner_for(self, authorization: str | None) -> str:
         """The owner id (``sessions.owner_keys``) of a bearer token's tenant; raises

@@ -1,15 +1,27 @@
 """Runs ``LLMEngine`` steps in a background thread and streams outputs to asyncio callers.
 
-The step loop owns the engine; callers only enqueue commands (add / abort) under a lock that
-is never held during a forward pass' Python-free waits longer than one step. Each request's
-outputs are delivered into its own ``asyncio.Queue`` on the caller's event loop.
+The engine thread is the only thread that touches the ``LLMEngine``. Callers never take a
+lock and never wait for a step: every command (add a request, abort one, run a bookkeeping
+function such as a session pin) is put on a thread-safe queue, and the step loop drains that
+queue between steps. Each request's outputs are delivered into its own ``asyncio.Queue`` on
+the caller's event loop, one ``call_soon_threadsafe`` per loop and step.
+
+    event loop                       engine thread
+    ----------                       -------------
+    generate() --add------+
+    abort()    --abort----+--> queue --> drain commands --> step() --> outputs
+    submit(fn) --fn-------+                                              |
+    stream.queue <------------------ call_soon_threadsafe ---------------+
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
 import itertools
 import logging
+import queue
 import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -29,6 +41,25 @@ class _Stream:
     queue: asyncio.Queue[RequestOutput | BaseException]
 
 
+@dataclass
+class _Command:
+    """``fn(*args)`` to run on the engine thread; its result or exception goes to ``future``."""
+
+    fn: Callable[..., Any]
+    args: tuple[Any, ...]
+    future: concurrent.futures.Future[Any]
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStats:
+    """A snapshot the engine thread publishes after every step (read from any thread)."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_pool_usage: float = 0.0
+    num_steps: int = 0  # steps run since start (constant while nothing is generating)
+
+
 class EngineDeadError(RuntimeError):
     """The step loop stopped (shutdown or crash); no new requests are accepted."""
 
@@ -38,17 +69,24 @@ class AsyncEngine:
 
     Contract: ``generate`` raises ``InvalidRequestError`` before yielding anything if the
     request is invalid; it yields deltas until one has ``finished``; if the caller stops
-    iterating early (or is cancelled) the request is aborted and its blocks freed.
+    iterating early (or is cancelled) the request is aborted and its blocks freed before the
+    next step. No method blocks the event loop: ``generate``, ``abort``, ``submit`` and
+    ``run_exclusive_async`` only enqueue. ``run_exclusive`` waits for the engine thread and
+    is for other threads (workers, tests), never for an event loop.
     """
 
     def __init__(self, engine: LLMEngine) -> None:
         self.engine = engine
-        self._lock = threading.Lock()
+        self._commands: queue.SimpleQueue[_Command] = queue.SimpleQueue()
         self._wake = threading.Event()
-        self._streams: dict[str, _Stream] = {}
+        self._streams: dict[str, _Stream] = {}  # engine thread only
         self._thread: threading.Thread | None = None
         self._stopping = False
+        # Guards ``_closed`` against a command enqueued after the loop's final drain.
+        self._close_lock = threading.Lock()
+        self._closed = False
         self._ids = itertools.count()
+        self.stats = EngineStats(kv_pool_usage=engine.kv_manager.usage())
 
     def start(self) -> None:
         if self._thread is not None:
@@ -57,6 +95,7 @@ class AsyncEngine:
         self._thread.start()
 
     def shutdown(self) -> None:
+        """Stop after the current step; fail the live requests with ``EngineDeadError``."""
         self._stopping = True
         self._wake.set()
         if self._thread is not None:
@@ -66,6 +105,8 @@ class AsyncEngine:
     @property
     def is_running(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and not self._stopping
+
+    # -- the caller's side ----------------------------------------------------------------------
 
     async def generate(
         self,
@@ -78,15 +119,14 @@ class AsyncEngine:
             raise EngineDeadError("the engine is not running")
         request_id = request_id or f"req-{next(self._ids)}"
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
-        with self._lock:
-            self.engine.add_request(request_id, prompt, params, cache_salt)
-            self._streams[request_id] = stream
-        self._wake.set()
+        # A rejected request puts its InvalidRequestError first in its stream (see _add).
+        self.submit(self._add, request_id, prompt, params, cache_salt, stream)
         finished = False
         try:
             while not finished:
                 item = await stream.queue.get()
                 if isinstance(item, BaseException):
+                    finished = True  # nothing left to abort: rejected, or the engine died
                     raise item
                 finished = item.finished
                 yield item
@@ -94,48 +134,148 @@ class AsyncEngine:
             if not finished:
                 self.abort(request_id)
 
-    def run_exclusive(self, fn: Callable[..., T], *args: Any) -> T:
-        """Call ``fn(*args)`` while no step runs (for engine bookkeeping such as pins).
-
-        Blocks the caller for at most the rest of the current step; keep ``fn`` short.
-        """
-        with self._lock:
-            return fn(*args)
-
     def abort(self, request_id: str) -> None:
-        with self._lock:
-            self._streams.pop(request_id, None)
-            self.engine.abort_request(request_id)
+        """Stop ``request_id`` before the next step and free its blocks (no-op if unknown)."""
+        self.submit(self._abort, request_id)
+
+    def submit(self, fn: Callable[..., T], *args: Any) -> concurrent.futures.Future[T]:
+        """Queue ``fn(*args)`` to run on the engine thread between steps; never blocks.
+
+        Commands run in submission order, so a caller that needs no result need not wait
+        (a pin submitted before a ``generate`` is in place when that request is scheduled).
+        After ``shutdown`` (or before ``start``) no step can run, and ``fn`` runs at once in
+        the calling thread. An exception of ``fn`` is set on the returned future.
+        """
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        command = _Command(fn, args, future)
+        with self._close_lock:
+            inline = self._closed or self._thread is None
+            if not inline:
+                self._commands.put(command)
+        if inline:
+            _execute(command)
+        else:
+            self._wake.set()
+        return future
+
+    async def run_exclusive_async(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` on the engine thread while no step runs; the loop keeps serving."""
+        return await asyncio.wrap_future(self.submit(fn, *args))
+
+    def run_exclusive(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` on the engine thread while no step runs, waiting for the result.
+
+        Blocks the calling thread for up to one step: use it from worker threads and tests.
+        On the engine thread itself ``fn`` runs directly. Raises RuntimeError on a thread
+        that runs an event loop (use ``run_exclusive_async`` or ``submit`` there).
+        """
+        if threading.current_thread() is self._thread:
+            return fn(*args)
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return self.submit(fn, *args).result()
+        raise RuntimeError("run_exclusive would block the event loop; use run_exclusive_async")
+
+    # -- the engine thread ----------------------------------------------------------------------
+
+    def _add(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams | None,
+        cache_salt: str,
+        stream: _Stream,
+    ) -> None:
+        if self._closed:  # enqueued while the loop stopped: no step would ever run it
+            _deliver(stream.loop, [(stream.queue, EngineDeadError("the engine was shut down"))])
+            return
+        try:
+            self.engine.add_request(request_id, prompt, params, cache_salt)
+        except Exception as exc:  # InvalidRequestError (or a bug): the caller raises it
+            _deliver(stream.loop, [(stream.queue, exc)])
+            return
+        self._streams[request_id] = stream
+
+    def _abort(self, request_id: str) -> None:
+        self._streams.pop(request_id, None)
+        self.engine.abort_request(request_id)
+
+    def _drain_commands(self) -> None:
+        while True:
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            _execute(command)
 
     def _run(self) -> None:
         while not self._stopping:
-            with self._lock:
-                has_work = self.engine.has_unfinished_requests()
-            if not has_work:
+            self._wake.clear()
+            self._drain_commands()
+            self._publish_stats()  # a request added (or aborted) shows before its step
+            if not self.engine.has_unfinished_requests():
                 self._wake.wait(timeout=1.0)
-                self._wake.clear()
                 continue
             try:
-                with self._lock:
-                    outputs = self.engine.step()
-                    deliveries = [(self._streams.get(o.request_id), o) for o in outputs]
-                    for out in outputs:
-                        if out.finished:
-                            self._streams.pop(out.request_id, None)
+                outputs = self.engine.step()
             except Exception as exc:  # a bug in a step: fail the live requests, keep serving
                 logger.exception("engine step failed")
                 self._fail_all(exc)
                 continue
-            for stream, out in deliveries:
-                if stream is not None:
-                    stream.loop.call_soon_threadsafe(stream.queue.put_nowait, out)
+            self._publish_stats()
+            self._deliver_outputs(outputs)
         self._fail_all(EngineDeadError("the engine was shut down"))
+        with self._close_lock:
+            self._closed = True
+        self._drain_commands()  # e.g. a session's unpin sent during shutdown
+
+    def _deliver_outputs(self, outputs: list[RequestOutput]) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[Any], Any]]] = {}
+        for out in outputs:
+            stream = self._streams.get(out.request_id)
+            if out.finished:
+                self._streams.pop(out.request_id, None)
+            if stream is not None:
+                by_loop.setdefault(stream.loop, []).append((stream.queue, out))
+        for loop, items in by_loop.items():
+            _deliver(loop, items)
+
+    def _publish_stats(self) -> None:
+        scheduler = self.engine.scheduler
+        self.stats = EngineStats(
+            num_running=len(scheduler.running),
+            num_waiting=len(scheduler.waiting),
+            kv_pool_usage=self.engine.kv_manager.usage(),
+            num_steps=self.engine.num_steps,
+        )
 
     def _fail_all(self, exc: BaseException) -> None:
-        with self._lock:
-            streams = dict(self._streams)
-            self._streams.clear()
-            for request_id in streams:
-                self.engine.abort_request(request_id)
+        streams = dict(self._streams)
+        self._streams.clear()
+        for request_id in streams:
+            self.engine.abort_request(request_id)
+        self._publish_stats()
         for stream in streams.values():
-            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, exc)
+            _deliver(stream.loop, [(stream.queue, exc)])
+
+
+def _execute(command: _Command) -> None:
+    if not command.future.set_running_or_notify_cancel():
+        return
+    try:
+        command.future.set_result(command.fn(*command.args))
+    except BaseException as exc:  # the waiter re-raises it; a fire-and-forget caller has the log
+        logger.warning("engine command %s failed: %r", command.fn.__qualname__, exc)
+        command.future.set_exception(exc)
+
+
+def _deliver(loop: asyncio.AbstractEventLoop, items: list[tuple[asyncio.Queue[Any], Any]]) -> None:
+    """Put ``items`` into their queues on ``loop`` (one wake-up); a closed loop is skipped."""
+
+    def put_all() -> None:
+        for stream_queue, item in items:
+            stream_queue.put_nowait(item)
+
+    with contextlib.suppress(RuntimeError):  # a closed loop: nobody is listening any more
+        loop.call_soon_threadsafe(put_all)

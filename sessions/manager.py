@@ -42,9 +42,13 @@ NUM_TOKENIZE_WORKERS = 2
 class SessionManager:
     """Creates, resumes, forks, truncates and closes sessions; applies the pause policy.
 
-    All methods run on the caller's event loop thread; engine bookkeeping goes through
-    ``AsyncEngine.run_exclusive``. Errors are ``sessions.errors.SessionError`` subclasses and
-    leave every session unchanged.
+    All methods run on the caller's event loop thread and never wait for an engine step:
+    engine bookkeeping (pins) is queued with ``AsyncEngine.submit`` (commands run in order, so
+    a pin is in place before the session's next request) or awaited with
+    ``run_exclusive_async``. What waits with ``run_exclusive`` runs off the loop: the end of
+    a turn (on a worker thread) and ``offload`` / ``enforce_policy`` / ``check_integrity``
+    (called from tests and benchmarks, not from a handler). Errors are
+    ``sessions.errors.SessionError`` subclasses and leave every session unchanged.
 
     A session's history is bounded by ``budget`` (default: the engine's context length, see
     ``sessions.history_budget``); an item that would not fit is refused when it arrives. The
@@ -157,7 +161,7 @@ class SessionManager:
 
     def _forget(self, session: Session) -> None:
         """Drop a session another instance took over: its local copy and device pin."""
-        self.engine.run_exclusive(self.llm.unpin, session.session_id)
+        self.engine.submit(self.llm.unpin, session.session_id)
         self._sessions.pop(session.session_id, None)
 
     def _claim(self, session_id: str, migrate: bool) -> None:
@@ -444,7 +448,7 @@ class SessionManager:
         """End the session: release its KV pin and delete its record."""
         self._require_idle(session)
         self._confirm_ownership(session)
-        self.engine.run_exclusive(self.llm.unpin, session.session_id)
+        self.engine.submit(self.llm.unpin, session.session_id)
         session.transition(SessionState.CLOSED)
         self._sessions.pop(session.session_id, None)
         self.records.delete(session.session_id)
@@ -484,7 +488,8 @@ class SessionManager:
     def _place_kv(
         self, session_id: str, context: list[int], cache_salt: str, decision: PauseDecision
     ) -> None:
-        """Under the engine lock: write-through to the store, then pin / release the blocks."""
+        """On the engine thread, between steps: write-through to the store, then pin / release
+        the blocks."""
         if self.persist_kv or decision is PauseDecision.OFFLOAD:
             self.llm.save_tokens(context, cache_salt)  # no-op without a store
         if decision is PauseDecision.KEEP:
@@ -494,9 +499,7 @@ class SessionManager:
 
     def _pin(self, session: Session, context: list[int] | None = None) -> None:
         context = session.token_ids if context is None else context
-        self.engine.run_exclusive(
-            self.llm.pin_tokens, session.session_id, context, session.cache_salt
-        )
+        self.engine.submit(self.llm.pin_tokens, session.session_id, context, session.cache_salt)
         session.keep_until = time.monotonic() + self.policy.keep_ttl_s
         session.transition(SessionState.PAUSED)
 
@@ -528,9 +531,9 @@ class SessionManager:
                 offloaded.append(session.session_id)
         return offloaded
 
-    def kv_location(self, session: Session) -> dict[str, int]:
+    async def kv_location(self, session: Session) -> dict[str, int]:
         """Tokens of the session's history cached on the device and, after those, in the store."""
-        on_device, in_store = self.engine.run_exclusive(
+        on_device, in_store = await self.engine.run_exclusive_async(
             self.llm.cached_tokens, session.token_ids, session.cache_salt
         )
         return {"device": on_device, "store": in_store, "total": len(session.token_ids)}
