@@ -216,7 +216,9 @@ class DecodeRunner:
         step runs eagerly; the failure is logged.
         """
         self._reset_lanes()
-        vocab_size = int(self.lm_head.weight.shape[0])
+        weight = self.lm_head.weight
+        assert isinstance(weight, torch.Tensor)
+        vocab_size = int(weight.shape[0])  # nn.Linear weight: [vocab, hidden]
         self.logits = torch.zeros(
             (self.max_num_seqs, vocab_size), dtype=torch.float32, device=self.device
         )

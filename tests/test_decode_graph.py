@@ -8,11 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from engine.llm_engine import LLMEngine, merge_outputs
-from engine.outputs import RequestOutput
+from engine.llm_engine import LLMEngine
 from engine.step_inputs import SeqChunk
 from tests.conftest import TINY_ARCHITECTURES
-from tests.helpers import greedy, hf_greedy, make_engine, mixed_prompts
+from tests.helpers import hf_greedy, make_engine, mixed_prompts, run_all_at_once
 
 NUM_TOKENS = 12
 # Seven requests, all admitted at once, finishing at different steps: the decode batch runs
@@ -21,15 +20,7 @@ MAX_TOKENS = [12, 5, 9, 3, 11, 7, 10]
 
 
 def run_shrinking(engine: LLMEngine, prompts: list[list[int]]) -> list[list[int]]:
-    """Admit every prompt at once, request ``i`` asking for ``MAX_TOKENS[i]`` greedy tokens;
-    return each one's tokens."""
-    merged: dict[str, RequestOutput] = {}
-    for idx, (prompt, max_tokens) in enumerate(zip(prompts, MAX_TOKENS, strict=True)):
-        engine.add_request(f"r{idx}", prompt, greedy(max_tokens))
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            merged[out.request_id] = merge_outputs(merged.get(out.request_id), out)
-    return [merged[f"r{idx}"].new_token_ids for idx in range(len(prompts))]
+    return run_all_at_once(engine, prompts, MAX_TOKENS)
 
 
 @pytest.fixture(scope="module")
