@@ -273,11 +273,13 @@ def compile_modules(decoder: torch.nn.Module, backend: str) -> None:
 
     The attention stays eager: it launches our kernels with a per-step plan. ``dynamic=True``
     makes one compiled graph serve every batch size (and prefill lengths), so buckets do not
-    recompile one by one.
+    recompile one by one. Each module's ``forward`` is compiled (not ``Module.__call__``): the
+    compiled code is cached per class's ``forward``, so all layers' norms share one entry and
+    the MLPs another, well under dynamo's recompile limit.
     """
     modules = [getattr(decoder, "norm", None)]
     for layer in getattr(decoder, "layers", []):
         modules += [getattr(layer, name, None) for name in COMPILED_LAYER_MODULES]
     for module in modules:
         if isinstance(module, torch.nn.Module):
-            module.compile(backend=backend, dynamic=True)
+            module.forward = torch.compile(module.forward, backend=backend, dynamic=True)
