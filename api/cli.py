@@ -107,13 +107,29 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
     parser.add_argument("--kv-cache-gib", type=float, default=None, help="KV pool size in GiB")
     parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument(
+        "--enforce-eager",
+        action="store_true",
+        help="CUDA: run decode steps eagerly instead of replaying captured CUDA graphs",
+    )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the model's norms and MLPs (inductor; slower start-up)",
+    )
 
 
 def engine_from_args(args: argparse.Namespace) -> LLMEngine:
     started = time.perf_counter()
     loaded = load_model(args.model, dtype=args.dtype, device=args.device)
     kv_bytes = int(args.kv_cache_gib * (1 << 30)) if args.kv_cache_gib else None
-    engine = LLMEngine(loaded, EngineConfig(block_size=args.block_size, kv_cache_bytes=kv_bytes))
+    config = EngineConfig(
+        block_size=args.block_size,
+        kv_cache_bytes=kv_bytes,
+        enforce_eager=args.enforce_eager,
+        compile_backend="inductor" if args.compile else None,
+    )
+    engine = LLMEngine(loaded, config)
     print(
         f"loaded {loaded.name} ({loaded.architecture}, {loaded.dtype}, {loaded.device}) "
         f"in {time.perf_counter() - started:.1f}s; KV pool {engine.num_kv_blocks} "

@@ -88,13 +88,21 @@ def start_batch(engine: LLMEngine, batch: int, prompt_len: int, num_tokens: int)
 
 def timed_steps(engine: LLMEngine, num_steps: int, device: torch.device) -> list[float]:
     """Seconds of each of ``num_steps`` engine steps (synchronised on CUDA)."""
+    return [wall for wall, _ in timed_steps_cpu(engine, num_steps, device)]
+
+
+def timed_steps_cpu(
+    engine: LLMEngine, num_steps: int, device: torch.device
+) -> list[tuple[float, float]]:
+    """(wall seconds, process CPU seconds) of each of ``num_steps`` engine steps. CPU time is
+    the steadier figure on a shared machine: other processes stretch the wall time only."""
     times = []
     for _ in range(num_steps):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         engine.step()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
+        times.append((time.perf_counter() - start, time.process_time() - start_cpu))
     return times
 
 
@@ -102,11 +110,14 @@ def run_batch(engine: LLMEngine, batch: int, args: argparse.Namespace) -> None:
     """Time (and optionally profile) ``args.tokens`` decode steps of ``batch`` requests."""
     start_batch(engine, batch, args.prompt_len, args.tokens)
     timed_steps(engine, args.warmup, engine.runner.device)
-    times = timed_steps(engine, args.tokens - args.warmup, engine.runner.device)
+    pairs = timed_steps_cpu(engine, args.tokens - args.warmup, engine.runner.device)
+    times = [wall for wall, _ in pairs]
     mean_ms, median_ms = 1000 * statistics.mean(times), 1000 * statistics.median(times)
+    cpu_ms = 1000 * statistics.median(cpu for _, cpu in pairs)
     print(
         f"batch {batch:3d}: step mean {mean_ms:7.2f} ms  median {median_ms:7.2f} ms  "
-        f"decode {batch * 1000 / mean_ms:8.1f} tok/s  ({len(times)} steps)",
+        f"CPU median {cpu_ms:7.2f} ms  decode {batch * 1000 / mean_ms:8.1f} tok/s  "
+        f"({len(times)} steps)",
         flush=True,
     )
     while engine.has_unfinished_requests():

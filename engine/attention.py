@@ -33,6 +33,10 @@ class PagedAttentionMetadata:
     # views of the pool made once, not per call.
     layer_caches: Sequence[tuple[torch.Tensor, torch.Tensor]]
     batch: ops.AttentionBatch  # the step's index tensors and kernel plan
+    # Padded decode on the CPU (engine.decode_graph): query rows from this one on are padding;
+    # ``batch`` was planned for the rows before it only, and the padding rows get zeros.
+    # None: ``batch`` covers every row (always on CUDA, where the kernels take padded lanes).
+    num_real_tokens: int | None = None
 
 
 def paged_attention_forward(
@@ -58,6 +62,19 @@ def paged_attention_forward(
     )
     q = query[0].transpose(0, 1)  # [num_tokens, num_heads, head_dim]
     scale = scaling if scaling is not None else q.shape[-1] ** -0.5
+    num_real = paged_metadata.num_real_tokens
+    if num_real is not None and num_real < q.shape[0]:
+        out = q.new_zeros(q.shape)
+        out[:num_real] = ops.paged_attention_planned(
+            q[:num_real],
+            key_cache,
+            value_cache,
+            batch,
+            scale,
+            sliding_window=sliding_window,
+            softcap=softcap,
+        )
+        return out.unsqueeze(0), None
     out = ops.paged_attention_planned(
         q,
         key_cache,

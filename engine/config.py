@@ -24,6 +24,10 @@ class EngineConfig:
     max_model_len: int | None = None
     enable_prefix_caching: bool = True
     check_integrity: bool = False  # assert pool/scheduler invariants after every step (tests)
+    # CUDA: no CUDA graphs for decode steps (they still run over padded static inputs).
+    enforce_eager: bool = False
+    # torch.compile the decoder's norms and MLPs with this backend ("inductor"); None: eager.
+    compile_backend: str | None = None
 
     def validate(self) -> None:
         if self.block_size not in (8, 16, 32, 64, 128):

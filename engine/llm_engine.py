@@ -13,6 +13,7 @@ import torch
 
 from engine.block_pool import BlockHash
 from engine.config import EngineConfig, GiB
+from engine.decode_graph import DecodeOptions
 from engine.detokenizer import Detokenizer, TextOutput, new_detokenizer
 from engine.errors import InvalidRequestError
 from engine.fingerprint import model_fingerprint
@@ -95,6 +96,8 @@ class LLMEngine:
         self.max_model_len = min(
             self.config.max_model_len or model_max, model_max, num_blocks * block_size
         )
+        # Decode steps: static bucket-padded inputs, CUDA graphs on CUDA (engine.decode_graph).
+        self.runner.setup_decode(DecodeOptions.from_config(self.config, self.max_model_len))
         self.eos_token_ids = loaded.eos_token_ids()
         self.vocab_size = int(loaded.config.vocab_size)
         self._states: dict[str, _RequestState] = {}

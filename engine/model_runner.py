@@ -5,7 +5,9 @@ The KV pool is one tensor ``[num_layers, 2, num_blocks, block_size, num_kv_heads
 
 A step's host work is kept small because on a GPU it, not the GPU, bounds decode speed: the
 batch is packed with numpy (``engine.step_inputs``), moved to the device in two copies (pinned,
-non-blocking on CUDA), and the attention metadata is planned once for all layers.
+non-blocking on CUDA), and the attention metadata is planned once for all layers. Pure-decode
+steps go through ``engine.decode_graph`` once ``setup_decode`` has run: static bucket-padded
+inputs and, on CUDA, one captured CUDA graph per bucket.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import numpy as np
 import torch
 
 from engine.attention import PagedAttentionMetadata, register_paged_attention
+from engine.decode_graph import DecodeOptions, DecodeRunner
 from engine.model_loader import LoadedModel
 from engine.step_inputs import SeqChunk, pack_chunks
 from kernels import ops
@@ -78,11 +81,30 @@ class ModelRunner:
         self.layer_caches = [(layer[0], layer[1]) for layer in self.kv_cache]
         self.decoder = self.model.get_decoder()
         self.lm_head = self.model.get_output_embeddings()
+        self.decode: DecodeRunner | None = None  # set by setup_decode
+
+    @torch.inference_mode()
+    def setup_decode(self, options: DecodeOptions) -> None:
+        """Route pure-decode steps through static bucket-padded inputs from now on; on CUDA
+        (unless ``options.cuda_graphs`` is off) capture their CUDA graphs here (seconds)."""
+        self.decode = DecodeRunner(
+            self.decoder,
+            self.lm_head,
+            self.layer_caches,
+            self.num_heads,
+            self.block_size,
+            options,
+        )
 
     @torch.inference_mode()
     def execute(self, chunks: list[SeqChunk]) -> torch.Tensor:
         """Compute K/V for every chunk's tokens; return float32 logits ``[num_wanted, vocab]``
-        for the chunks with ``needs_logits``, in chunk order. Does not wait for the device."""
+        for the chunks with ``needs_logits``, in chunk order. Does not wait for the device.
+
+        The logits are valid until the next ``execute`` (a decode graph's output buffer).
+        """
+        if self.decode is not None and self.decode.fits(chunks):
+            return self.decode.run(chunks)
         inputs = self._prepare(chunks)
         hidden = self.decoder(
             input_ids=inputs.input_ids,

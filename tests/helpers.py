@@ -20,13 +20,15 @@ def parity_device() -> str:
     return os.environ.get("TARRY_TEST_DEVICE", "cpu")
 
 
-def hf_greedy(model_dir: Path, prompts: list[list[int]], num_tokens: int) -> list[list[int]]:
+def hf_greedy(
+    model_dir: Path, prompts: list[list[int]], num_tokens: int, device: str | None = None
+) -> list[list[int]]:
     """``transformers`` ``generate()`` greedy continuations, one prompt at a time (no padding),
-    exactly ``num_tokens`` each (EOS suppressed, as our ``min_tokens`` does), on
-    ``parity_device()``."""
+    exactly ``num_tokens`` each (EOS suppressed, as our ``min_tokens`` does), on ``device``
+    (default ``parity_device()``)."""
     from transformers import AutoModelForCausalLM
 
-    device = parity_device()
+    device = device or parity_device()
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), attn_implementation="sdpa")
     model = model.to(device).eval()
     results = []
@@ -74,6 +76,21 @@ def run_staggered(
             merged[out.request_id] = merge_outputs(merged.get(out.request_id), out)
         step_idx += 1
     return [merged[f"r{idx}"] for idx in range(len(prompts))]
+
+
+def run_all_at_once(
+    engine: LLMEngine, prompts: list[list[int]], max_tokens: list[int]
+) -> list[list[int]]:
+    """Admit every prompt before the first step, prompt ``i`` asking for exactly
+    ``max_tokens[i]`` greedy tokens; run all to completion; each one's tokens, in order. With
+    different ``max_tokens`` the decode batch shrinks step by step."""
+    merged: dict[str, RequestOutput] = {}
+    for idx, (prompt, num_tokens) in enumerate(zip(prompts, max_tokens, strict=True)):
+        engine.add_request(f"r{idx}", prompt, greedy(num_tokens))
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            merged[out.request_id] = merge_outputs(merged.get(out.request_id), out)
+    return [merged[f"r{idx}"].new_token_ids for idx in range(len(prompts))]
 
 
 def mixed_prompts(
