@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import json
 from collections.abc import Iterator
@@ -106,6 +107,9 @@ def live_server(model: LoadedModel, options: ServeOptions) -> Iterator[tuple[str
     base_url = background.start()
     try:
         yield base_url, state
-        state.sessions.check_integrity()
+        # On a thread of its own: a test may leave an event loop running on this one
+        # (Playwright's sync API does), and run_exclusive refuses to block a loop's thread.
+        with concurrent.futures.ThreadPoolExecutor(1) as checker:
+            checker.submit(state.sessions.check_integrity).result()
     finally:
         background.stop()

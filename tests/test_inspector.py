@@ -216,7 +216,9 @@ def test_push_channel_shows_a_tenant_only_its_own_sessions(keyed_server):
         welcome = json.loads(ws.recv(timeout=20))
         assert welcome["type"] == "welcome" and welcome["auth"] == "api_key"
         seen = {row["id"] for row in _next_snapshot(ws)["sessions"]}
-        tenant = {s.session_id for s in state.sessions.sessions_of("key:" + key)}
+        tenant = {
+            s.session_id for s in state.sessions.sessions_of(state.owner_for("Bearer " + key))
+        }
         assert own in seen and seen == tenant and seen < all_ids
         # Selecting another tenant's session shows nothing of it.
         other = id_b if key == KEY_A else id_a
