@@ -66,6 +66,36 @@ def normalize_tools(tools: Any) -> list[dict[str, Any]]:
     return result
 
 
+def check_tool_choice(tools: list[dict[str, Any]], tool_choice: Any) -> None:
+    """Raise APIError (400, param ``tool_choice``) unless ``tool_choice`` is "auto", "none",
+    "required" with at least one tool, or names one of ``tools`` (a name, the chat form
+    ``{"type": "function", "function": {"name": ...}}`` or the Responses form ``{"name": ...}``).
+    """
+    if tool_choice in (None, "auto", "none"):
+        return
+    if tool_choice == "required":
+        if not tools:
+            raise APIError('tool_choice "required" needs at least one tool', param="tool_choice")
+        return
+    name: Any = tool_choice
+    if isinstance(tool_choice, dict):
+        function = tool_choice.get("function", tool_choice)
+        name = function.get("name") if isinstance(function, dict) else None
+    if not isinstance(name, str):
+        raise APIError(
+            'tool_choice must be "auto", "none", "required" or '
+            '{"type": "function", "function": {"name": ...}}',
+            param="tool_choice",
+        )
+    names = [tool["function"]["name"] for tool in tools]
+    if name not in names:
+        raise APIError(
+            f"tool_choice names the function {name!r}, which is not in tools "
+            f"(tools: {names or 'none given'})",
+            param="tool_choice",
+        )
+
+
 def python_result_text(result: SandboxResult) -> str:
     """The tool output the model sees (and the client gets in ``tool_output`` events)."""
     parts = []
@@ -103,13 +133,14 @@ class ToolRuntime:
         return StreamingToolParser(tool_call_format(self.tokenizer))
 
     def processors(
-        self, tools: list[dict[str, Any]], tool_choice: Any, max_tokens: int = 1 << 20
+        self, tools: list[dict[str, Any]], tool_choice: Any, max_tokens: int | None = None
     ) -> list[Any]:
         """Logits processors forcing a call for "required" or a named function; [] otherwise.
 
         The call starts closing its open strings and objects ``CLOSING_RESERVE`` tokens before
         ``max_tokens`` runs out, so a forced call is complete whenever the budget allows.
         """
+        check_tool_choice(tools, tool_choice)
         if not tools or tool_choice in (None, "auto", "none"):
             return []
         if self._constrainer is None:
@@ -120,7 +151,9 @@ class ToolRuntime:
             )
         try:
             processor = self._constrainer.processor_for(
-                tools, tool_choice, max_call_tokens=max(0, max_tokens - CLOSING_RESERVE)
+                tools,
+                tool_choice,
+                max_call_tokens=max(0, (max_tokens or 1 << 20) - CLOSING_RESERVE),
             )
         except ToolSchemaError as exc:
             raise APIError(str(exc), param="tool_choice") from exc

@@ -135,11 +135,16 @@ class LLMEngine:
     ) -> Request:
         """Validate and queue a request. Raises InvalidRequestError and changes nothing if the
         request is malformed (empty or over-long prompt, bad token ids, bad sampling values,
-        duplicate id)."""
+        a ``logit_bias`` id outside the vocabulary, duplicate id)."""
         params = params or SamplingParams()
         params.validate()
         if request_id in self._states:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        if params.logit_bias and max(params.logit_bias) >= self.vocab_size:
+            raise InvalidRequestError(
+                f"logit_bias token ids must be in [0, {self.vocab_size}), "
+                f"got {max(params.logit_bias)}"
+            )
         token_ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
         self._validate_prompt(token_ids)
         request = Request(
@@ -223,7 +228,9 @@ class LLMEngine:
         if request.num_output_tokens < params.min_tokens:
             banned = sorted({*request.eos_token_ids, *params.stop_token_ids})
         generator = self._states[request.request_id].generator
-        return SamplingRow(params, generator, banned, request.output_token_ids)
+        return SamplingRow(
+            params, generator, banned, request.output_token_ids, request.prompt_token_ids
+        )
 
     def _process_token(
         self, request: Request, token_id: int, logprob: TokenLogprob | None
@@ -264,7 +271,7 @@ class LLMEngine:
                 request.stop_reason = text.stopped_by
                 return RequestStatus.FINISHED_STOPPED
         if (
-            request.num_output_tokens >= params.max_tokens
+            (params.max_tokens is not None and request.num_output_tokens >= params.max_tokens)
             or request.num_tokens >= self.max_model_len
         ):
             return RequestStatus.FINISHED_LENGTH

@@ -43,6 +43,7 @@ _COMBINATORS = ("anyOf", "oneOf")
 _EBNF_TOKEN = re.compile(
     r'"(?:[^"\\]|\\.)*"'  # string literal
     r"|\[(?:[^\]\\]|\\.)*\]"  # character class
+    r"|[A-Za-z_][A-Za-z0-9_]*\s*=(?!=)\s*[A-Za-z0-9_]+"  # a named argument: Regex(.., json_string=true)
     r"|[A-Za-z_][A-Za-z0-9_]*\b(?!\s*\()"  # rule name (not a builtin call such as Regex(...))
 )
 
@@ -238,7 +239,7 @@ class SchemaGrammarBuilder:
 
         def rename(match: re.Match[str]) -> str:
             token = match.group(0)
-            return token if token[0] in '"[' else prefix + token
+            return token if token[0] in '"[' or "=" in token else prefix + token
 
         for line in text.strip().splitlines():
             name, _, body = line.partition(" ::= ")
