@@ -22,6 +22,7 @@ from api.errors import APIError
 from tools.render import ToolSchemaError, tool_call_format, validate_tools
 from tools.sandbox import PythonSandbox, SandboxResult
 from tools.streaming_parser import StreamingToolParser
+from tools.tool_call import ToolCallFormat
 
 PYTHON_TOOL_NAME = "python"
 CLOSING_RESERVE = 16  # tokens kept to close a forced call: quotes, braces, </tool_call>, EOS
@@ -122,15 +123,17 @@ class ToolRuntime:
     stop_token_ids: list[int]
     sandbox_root: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="tarry-py-")))
     sandbox_factory: Callable[[Path], PythonSandbox] = PythonSandbox
+    tool_call_parser: ToolCallFormat | None = None  # --tool-call-parser; None: from the template
     _constrainer: Any = None
     _sandboxes: dict[str, PythonSandbox] = field(default_factory=dict)
 
     @property
-    def call_format(self) -> str:
-        return str(tool_call_format(self.tokenizer))
+    def call_format(self) -> ToolCallFormat:
+        """The format model output is parsed in: ``tool_call_parser``, else the template's."""
+        return self.tool_call_parser or tool_call_format(self.tokenizer)
 
     def parser(self) -> StreamingToolParser:
-        return StreamingToolParser(tool_call_format(self.tokenizer))
+        return StreamingToolParser(self.call_format)
 
     def processors(
         self, tools: list[dict[str, Any]], tool_choice: Any, max_tokens: int | None = None

@@ -316,7 +316,9 @@ class SessionConnection:
             "seed": merged.get("seed"),
             "stop": merged.get("stop"),
         }
-        params = sampling_from_openai(body, self.state.limits.max_output_tokens)
+        params = sampling_from_openai(
+            body, self.state.limits.max_output_tokens, self.state.sampling_defaults
+        )
         generate = config.get("generate", True)
         if not generate:
             params.max_tokens = 1  # prefill only: one token is computed, then discarded

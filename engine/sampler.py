@@ -111,10 +111,10 @@ def apply_penalties(
         )
         logits = torch.where(seen, penalized, logits)
     if (presence_penalty or frequency_penalty) and len(output_token_ids):
-        ids = torch.tensor(list(output_token_ids), device=device)
-        counts = torch.bincount(ids, minlength=vocab_size)[:vocab_size].to(logits.dtype)
-        logits = logits - frequency_penalty * counts - presence_penalty * (counts > 0).to(
-            logits.dtype
+        output_ids = torch.tensor(list(output_token_ids), device=device)
+        counts = torch.bincount(output_ids, minlength=vocab_size)[:vocab_size].to(logits.dtype)
+        logits = (
+            logits - frequency_penalty * counts - presence_penalty * (counts > 0).to(logits.dtype)
         )
     return logits
 

@@ -39,11 +39,12 @@ MAX_BOUNDED_STRING_CHARS = 256
 
 _NUMERIC_BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
 _COMBINATORS = ("anyOf", "oneOf")
-# In xgrammar EBNF text: string literals, character classes and identifiers (not calls).
+# In xgrammar EBNF text: string literals, character classes, named arguments (kept as they
+# are) and identifiers (not calls).
 _EBNF_TOKEN = re.compile(
     r'"(?:[^"\\]|\\.)*"'  # string literal
     r"|\[(?:[^\]\\]|\\.)*\]"  # character class
-    r"|[A-Za-z_][A-Za-z0-9_]*\s*=(?!=)\s*[A-Za-z0-9_]+"  # a named argument: Regex(.., json_string=true)
+    r"|[A-Za-z_][A-Za-z0-9_]*\s*=(?!=)\s*[A-Za-z0-9_]+"  # named argument: Regex(.., a=true)
     r"|[A-Za-z_][A-Za-z0-9_]*\b(?!\s*\()"  # rule name (not a builtin call such as Regex(...))
 )
 
