@@ -89,7 +89,7 @@ def add_openai_serving_args(serve: argparse.ArgumentParser) -> None:
         "--generation-config",
         default="auto",
         help="default sampling for fields a request leaves unset: 'auto' (the model's "
-        "generation_config.json; temperature 0.2, top_p 0.9 for the embedded SmolLM2), "
+        "generation_config.json; greedy, top_p 0.9 for the embedded SmolLM2), "
         "'vllm' or 'none' (neutral: temperature 1), or a directory holding "
         "generation_config.json",
     )

@@ -39,8 +39,13 @@ OVERRIDE_ONLY_KEYS = {
     "frequency_penalty": "frequency_penalty",
 }
 # SmolLM2-Instruct's model card samples with temperature 0.2, top_p 0.9 (its Hugging Face
-# generation_config.json sets no sampling values). At temperature 1 the 135M model wanders.
-EMBEDDED_MODEL_GENERATION_CONFIG: dict[str, Any] = {"temperature": 0.2, "top_p": 0.9}
+# generation_config.json sets no sampling values). The embedded build (Q4_1 GGUF) is less
+# sure of itself: for "What is the capital of France?" its first token is nearly a tie
+# ("The" logprob -1.88, "L" -1.97), so at temperature 0.2 about a third of the answers start
+# "L'..." and ramble on in French, often looping to the context limit. Greedy answers "The
+# capital of France is Paris."; the card's top_p stays the default for requests that set a
+# temperature.
+EMBEDDED_MODEL_GENERATION_CONFIG: dict[str, Any] = {"temperature": 0.0, "top_p": 0.9}
 NEUTRAL_MODES = ("vllm", "none")
 
 

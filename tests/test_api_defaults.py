@@ -51,10 +51,11 @@ def client(server):
 
 
 @pytest.fixture(scope="module")
-def greedy_short_server(smollm2):
-    """Defaults overridden to greedy; a 256-token context, so an open-ended request ends soon."""
+def hot_short_server(smollm2):
+    """Defaults overridden to temperature 1.5; a 256-token context, so an open-ended request
+    ends soon."""
     engine = LLMEngine(smollm2, EngineConfig(num_kv_blocks=256, max_model_len=256))
-    options = ServeOptions(override_generation_config={"temperature": 0.0})
+    options = ServeOptions(override_generation_config={"temperature": 1.5, "top_p": 1.0})
     background = BackgroundServer(build_state(engine, options))
     base_url = background.start()
     try:
@@ -73,31 +74,30 @@ def test_readme_snippet_answers_paris_at_default_sampling(server, client):
         assert reply.usage.completion_tokens < 64
 
 
-def test_override_sets_the_default_and_the_request_wins(greedy_short_server):
-    base_url, state = greedy_short_server
-    assert state.sampling_defaults == {"temperature": 0.0, "top_p": 0.9}
-    client = openai.OpenAI(base_url=base_url + "/v1", api_key="unused", max_retries=0)
+def test_override_sets_the_default_and_the_request_wins(server, hot_short_server):
+    base_url, state = hot_short_server
+    assert state.sampling_defaults == {"temperature": 1.5, "top_p": 1.0}
+    hot_client = openai.OpenAI(base_url=base_url + "/v1", api_key="unused", max_retries=0)
+    greedy_client = openai.OpenAI(base_url=server[0] + "/v1", api_key="unused", max_retries=0)
     messages = [{"role": "user", "content": "Tell me a story about a dragon."}]
-    greedy = client.chat.completions.create(
+    greedy = greedy_client.chat.completions.create(model="tarry", messages=messages, max_tokens=12)
+    explicit = hot_client.chat.completions.create(
         model="tarry", messages=messages, temperature=0, max_tokens=12
     )
-    default = client.chat.completions.create(model="tarry", messages=messages, max_tokens=12)
-    assert default.choices[0].message.content == greedy.choices[0].message.content
+    assert explicit.choices[0].message.content == greedy.choices[0].message.content
     hot = [
-        client.chat.completions.create(
-            model="tarry", messages=messages, max_tokens=12, temperature=1.5, top_p=1.0, seed=s
-        )
+        hot_client.chat.completions.create(model="tarry", messages=messages, max_tokens=12, seed=s)
         .choices[0]
         .message.content
         for s in range(3)
     ]
     assert any(text != greedy.choices[0].message.content for text in hot)
-    short = client.chat.completions.create(model="tarry", messages=messages, max_tokens=3)
+    short = hot_client.chat.completions.create(model="tarry", messages=messages, max_tokens=3)
     assert short.usage.completion_tokens == 3 and short.choices[0].finish_reason == "length"
 
 
-def test_open_ended_request_runs_to_the_context_limit_visibly(greedy_short_server, caplog):
-    base_url, state = greedy_short_server
+def test_open_ended_request_runs_to_the_context_limit_visibly(hot_short_server, caplog):
+    base_url, state = hot_short_server
     client = openai.OpenAI(base_url=base_url + "/v1", api_key="unused", max_retries=0)
     caplog.set_level(logging.INFO, logger="engine.llm_engine")
     stream = client.chat.completions.create(
@@ -125,28 +125,23 @@ def test_open_ended_request_runs_to_the_context_limit_visibly(greedy_short_serve
     assert any("ran to the context limit (256 tokens) without max_tokens" in m for m in messages)
 
 
-def test_penalties_and_logit_bias_change_the_output_over_http(greedy_short_server):
-    base_url, _ = greedy_short_server
-    client = openai.OpenAI(base_url=base_url + "/v1", api_key="unused", max_retries=0)
+def test_penalties_and_logit_bias_change_the_output_over_http(server, client):
     messages = [{"role": "user", "content": "Say 'hello hello hello hello'."}]
     plain = client.chat.completions.create(
         model="tarry", messages=messages, max_tokens=8, logprobs=True
     )
     first = plain.choices[0].logprobs.content[0].token
-    tokenizer = greedy_short_server[1].runner.engine.tokenizer
+    tokenizer = server[1].runner.engine.tokenizer
     first_id = tokenizer.encode(first, add_special_tokens=False)[0]
     biased = client.chat.completions.create(
         model="tarry", messages=messages, max_tokens=8, logit_bias={str(first_id): -100}
     )
     assert biased.choices[0].message.content != plain.choices[0].message.content
-    text = client.completions.create(
-        model="tarry", prompt="hello hello hello hello", max_tokens=8, temperature=0
-    )
+    text = client.completions.create(model="tarry", prompt="hello hello hello hello", max_tokens=8)
     penalized = client.completions.create(
         model="tarry",
         prompt="hello hello hello hello",
         max_tokens=8,
-        temperature=0,
         frequency_penalty=2.0,
         presence_penalty=1.0,
         extra_body={"repetition_penalty": 1.5},
@@ -200,7 +195,6 @@ def test_pattern_in_a_forced_tool_schema_is_enforced(client):
         tools=[tool],
         tool_choice={"type": "function", "function": {"name": "book"}},
         max_tokens=96,
-        temperature=0,
     )
     call = reply.choices[0].message.tool_calls[0]
     booking = Booking.model_validate_json(call.function.arguments)  # pattern checked here
