@@ -168,13 +168,13 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
 
 
 def chat_template_from_arg(value: str) -> str:
-    """``--chat-template``: a file's contents, or ``value`` itself when it is a Jinja template
-    (holds ``{{`` or ``{%``); raises ValueError otherwise."""
+    """``--chat-template``: ``value`` itself when it is a Jinja template (holds ``{{`` or
+    ``{%``), else the contents of the file it names; raises ValueError otherwise."""
+    if "{{" in value or "{%" in value:
+        return value
     path = Path(value).expanduser()
     if path.is_file():
         return path.read_text()
-    if "{{" in value or "{%" in value:
-        return value
     raise ValueError(f"--chat-template {value!r} is neither a file nor a Jinja template")
 
 
