@@ -59,6 +59,12 @@ async def metrics(request: Request) -> Response:
     if ownership is not None:
         state.metrics.leases_held.set(len(ownership.leases.held))
     state.metrics.fenced_writes.set(state.sessions.records.fenced_writes)
+    engine = state.runner.engine  # open_ended_load reads a copy: safe off the engine thread
+    open_ended = engine.open_ended_load()
+    state.metrics.open_ended_running.set(open_ended.num_requests)
+    state.metrics.open_ended_max_output_tokens.set(open_ended.max_output_tokens)
+    state.metrics.open_ended_oldest_age.set(open_ended.oldest_age_s)
+    state.metrics.open_ended_admitted.set(engine.num_open_ended_requests)
     return Response(state.metrics.render(), media_type="text/plain; version=0.0.4")
 
 
@@ -83,6 +89,7 @@ def build_app(state: ServerState) -> Starlette:
             Route("/health", health),
             Route("/metrics", metrics),
             Route("/v1/models", openai_http.models),
+            Route("/v1/models/{model_id:path}", openai_http.model),
             Route("/v1/chat/completions", openai_http.chat_completions, methods=["POST"]),
             Route("/v1/completions", openai_http.completions, methods=["POST"]),
             Route("/v1/sessions", sessions_http.list_sessions, methods=["GET"]),

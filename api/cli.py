@@ -4,22 +4,29 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.metadata
 import logging
 import os
 import sys
 import time
+from pathlib import Path
 from typing import NoReturn
 
 from engine.async_engine import AsyncEngine
 from engine.config import EngineConfig
 from engine.errors import InvalidRequestError, ModelLoadError
+from engine.generation_config import describe, parse_override
 from engine.llm_engine import LLMEngine
 from engine.model_loader import load_model
 from engine.sampling_params import SamplingParams
+from tools.tool_call import TOOL_CALL_FORMATS
+
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tarry", description="Agent-oriented LLM inference.")
+    parser.add_argument("--version", action="version", version=f"tarry {tarry_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
     gen = commands.add_parser("generate", help="stream the model's answer to one prompt")
     gen.add_argument("prompt", help="the user message (or raw text with --raw)")
@@ -75,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="host-memory KV tier size in GiB (0 disables)",
     )
     add_timeout_args(serve)
+    add_openai_serving_args(serve)
     return parser
 
 
@@ -97,6 +105,46 @@ def add_timeout_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_openai_serving_args(serve: argparse.ArgumentParser) -> None:
+    """The vLLM-style flags of ``tarry serve``: model ids, default sampling, tool parser, logs."""
+    serve.add_argument(
+        "--served-model-name",
+        nargs="+",
+        default=None,
+        help="model id(s) clients use (the first is reported); default: the model's name, "
+        "plus the alias 'tarry'. Requests naming another model get 404 model_not_found",
+    )
+    serve.add_argument(
+        "--generation-config",
+        default="auto",
+        help="default sampling for fields a request leaves unset: 'auto' (the model's "
+        "generation_config.json; greedy, top_p 0.9 for the embedded SmolLM2), "
+        "'vllm' or 'none' (neutral: temperature 1), or a directory holding "
+        "generation_config.json",
+    )
+    serve.add_argument(
+        "--override-generation-config",
+        default=None,
+        help="JSON object merged over the generation config, e.g. '{\"temperature\": 0.2}'; "
+        "keys: temperature, top_p, top_k, min_p, repetition_penalty, presence_penalty, "
+        "frequency_penalty, max_new_tokens (or max_tokens)",
+    )
+    serve.add_argument(
+        "--tool-call-parser",
+        default=None,
+        choices=TOOL_CALL_FORMATS,
+        help="format model tool calls are parsed in (default: chosen from the chat template)",
+    )
+    serve.add_argument("--log-level", default="info", choices=LOG_LEVELS)
+
+
+def tarry_version() -> str:
+    try:
+        return importlib.metadata.version("tarry")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
@@ -117,23 +165,72 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="torch.compile the model's norms and MLPs (inductor; slower start-up)",
     )
+    defaults = EngineConfig()
+    parser.add_argument(
+        "--max-model-len",
+        type=int,
+        default=None,
+        help="context limit in tokens, prompt plus output (default: the model's, within the "
+        "KV pool)",
+    )
+    parser.add_argument(
+        "--max-num-seqs",
+        type=int,
+        default=defaults.max_num_seqs,
+        help=f"most requests in one step (default {defaults.max_num_seqs})",
+    )
+    parser.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=defaults.max_num_batched_tokens,
+        help=f"token budget of one step (default {defaults.max_num_batched_tokens})",
+    )
+    parser.add_argument(
+        "--chat-template",
+        default=None,
+        help="a Jinja chat template file, or the template itself, replacing the model's",
+    )
 
 
-def engine_from_args(args: argparse.Namespace) -> LLMEngine:
-    started = time.perf_counter()
-    loaded = load_model(args.model, dtype=args.dtype, device=args.device)
+def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
+    """The EngineConfig the model flags ask for; raises ValueError on a bad value."""
     kv_bytes = int(args.kv_cache_gib * (1 << 30)) if args.kv_cache_gib else None
     config = EngineConfig(
         block_size=args.block_size,
         kv_cache_bytes=kv_bytes,
+        max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
         enforce_eager=args.enforce_eager,
         compile_backend="inductor" if args.compile else None,
     )
+    config.validate()
+    return config
+
+
+def chat_template_from_arg(value: str) -> str:
+    """``--chat-template``: ``value`` itself when it is a Jinja template (holds ``{{`` or
+    ``{%``), else the contents of the file it names; raises ValueError otherwise."""
+    if "{{" in value or "{%" in value:
+        return value
+    path = Path(value).expanduser()
+    if path.is_file():
+        return path.read_text()
+    raise ValueError(f"--chat-template {value!r} is neither a file nor a Jinja template")
+
+
+def engine_from_args(args: argparse.Namespace) -> LLMEngine:
+    started = time.perf_counter()
+    config = engine_config_from_args(args)
+    template = chat_template_from_arg(args.chat_template) if args.chat_template else None
+    loaded = load_model(args.model, dtype=args.dtype, device=args.device)
+    if template is not None:
+        loaded.tokenizer.chat_template = template
     engine = LLMEngine(loaded, config)
     print(
         f"loaded {loaded.name} ({loaded.architecture}, {loaded.dtype}, {loaded.device}) "
         f"in {time.perf_counter() - started:.1f}s; KV pool {engine.num_kv_blocks} "
-        f"blocks x {engine.config.block_size} tokens",
+        f"blocks x {engine.config.block_size} tokens; context limit {engine.max_model_len}",
         file=sys.stderr,
     )
     return engine
@@ -190,6 +287,10 @@ def _serve(args: argparse.Namespace) -> int:
         raise ValueError("--redis-cluster needs --redis-url (one or more nodes of the cluster)")
     if args.redis_url:
         check_redis_url(args.redis_url, args.redis_cluster)  # before the model loads
+    override = parse_override(args.override_generation_config)  # before the model loads
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     engine = engine_from_args(args)
     options = ServeOptions(
         host=args.host,
@@ -207,8 +308,19 @@ def _serve(args: argparse.Namespace) -> int:
             first_event_timeout_s=args.first_event_timeout_s,
             idle_timeout_s=args.idle_timeout_s,
         ),
+        served_model_names=tuple(args.served_model_name or ()),
+        generation_config=args.generation_config,
+        override_generation_config=override,
+        tool_call_parser=args.tool_call_parser,
     )
     state = build_state(engine, options)
+    print(
+        f"tarry: model ids {', '.join(state.served_model_names + state.model_aliases)}; "
+        f"default sampling {describe(state.sampling_defaults)} "
+        f"(--generation-config {args.generation_config}); max_tokens defaults to "
+        f"{state.sampling_defaults.get('max_tokens', 'the rest of the context')}",
+        file=sys.stderr,
+    )
     print(
         f"tarry: serving {state.model_name} on http://{args.host}:{args.port} "
         f"(WebSocket sessions at ws://{args.host}:{args.port}/v1/sessions, "
@@ -221,7 +333,7 @@ def _serve(args: argparse.Namespace) -> int:
             build_app(state),
             host=args.host,
             port=args.port,
-            log_level="info",
+            log_level=args.log_level,
             ws="websockets-sansio",
             **uvicorn_limits(state.limits),  # frame / body limits and idle timeouts
         )

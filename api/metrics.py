@@ -68,6 +68,27 @@ class Metrics:
             registry=self.registry,
         )
 
+        self.open_ended_running = Gauge(
+            "tarry_open_ended_requests_running",
+            "Unfinished requests without max_tokens (they may run to the context limit)",
+            registry=self.registry,
+        )
+        self.open_ended_max_output_tokens = Gauge(
+            "tarry_open_ended_request_max_output_tokens",
+            "Most tokens generated so far by one unfinished request without max_tokens",
+            registry=self.registry,
+        )
+        self.open_ended_oldest_age = Gauge(
+            "tarry_open_ended_request_oldest_age_seconds",
+            "Age of the oldest unfinished request without max_tokens",
+            registry=self.registry,
+        )
+        self.open_ended_admitted = Gauge(
+            "tarry_open_ended_requests_admitted",
+            "Requests admitted without max_tokens since start",
+            registry=self.registry,
+        )
+
     def record_usage(self, prompt: int, completion: int, cached: int, restored: int) -> None:
         self.prompt_tokens.inc(prompt)
         self.completion_tokens.inc(completion)

@@ -201,7 +201,8 @@ async def chat_completions(request: Request) -> Response:
     state: ServerState = request.app.state.tarry
     owner = state.owner_for(request.headers.get("authorization"))
     body = await read_json(request, state.limits.max_frame_bytes)
-    params = sampling_from_openai(body, state.limits.max_output_tokens)
+    state.check_model(body.get("model"))
+    params = sampling_from_openai(body, state.limits.max_output_tokens, state.sampling_defaults)
     tools = normalize_tools(body.get("tools"))
     tool_choice = body.get("tool_choice", "auto")
     params.logits_processors = state.tools.processors(tools, tool_choice, params.max_tokens)
@@ -378,6 +379,7 @@ async def completions(request: Request) -> Response:
     state: ServerState = request.app.state.tarry
     owner = state.owner_for(request.headers.get("authorization"))
     body = await read_json(request, state.limits.max_frame_bytes)
+    state.check_model(body.get("model"))
     prompt_field = body.get("prompt")
     if isinstance(prompt_field, str):
         try:
@@ -388,7 +390,7 @@ async def completions(request: Request) -> Response:
         prompt = list(prompt_field)
     else:
         raise APIError("prompt must be a string or a list of token ids", param="prompt")
-    params = sampling_from_openai(body, state.limits.max_output_tokens)
+    params = sampling_from_openai(body, state.limits.max_output_tokens, state.sampling_defaults)
     completion = Completion(state.model_name, "text")
     source = state.runner.generate(prompt, params, cache_salt=owner)
     pulled = await run_until_disconnect(
@@ -448,14 +450,28 @@ async def _chain(
         await aclose_quietly(rest)
 
 
+def _model_card(state: ServerState, model_id: str) -> dict[str, Any]:
+    return {
+        "id": model_id,
+        "object": "model",
+        "created": 0,
+        "owned_by": "tarry",
+        "root": state.runner.engine.loaded.name,
+        "max_model_len": state.runner.engine.max_model_len,
+    }
+
+
 async def models(request: Request) -> Response:
     state: ServerState = request.app.state.tarry
     state.owner_for(request.headers.get("authorization"))
-    return JSONResponse(
-        {
-            "object": "list",
-            "data": [
-                {"id": state.model_name, "object": "model", "created": 0, "owned_by": "tarry"}
-            ],
-        }
-    )
+    served = state.served_model_names or (state.model_name,)
+    return JSONResponse({"object": "list", "data": [_model_card(state, m) for m in served]})
+
+
+async def model(request: Request) -> Response:
+    """``GET /v1/models/{model_id}``: the card of a served id (or alias), else 404."""
+    state: ServerState = request.app.state.tarry
+    state.owner_for(request.headers.get("authorization"))
+    model_id = request.path_params["model_id"]
+    state.check_model(model_id)
+    return JSONResponse(_model_card(state, model_id))

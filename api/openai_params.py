@@ -1,4 +1,9 @@
-"""Translate OpenAI request fields into engine SamplingParams (and reject what we cannot honour)."""
+"""Translate OpenAI request fields into engine SamplingParams (and reject what we cannot honour).
+
+A field the request leaves out (or sends as null) takes the server's default (``defaults``,
+from the model's generation config, see ``engine.generation_config``), else the neutral value.
+``max_tokens`` left out everywhere means the rest of the context, as in vLLM.
+"""
 
 from __future__ import annotations
 
@@ -8,48 +13,87 @@ from api.errors import APIError
 from engine.errors import InvalidRequestError
 from engine.sampling_params import SamplingParams
 
-UNSUPPORTED_NONZERO = ("presence_penalty", "frequency_penalty")
+NEUTRAL = {
+    "temperature": 1.0,
+    "top_p": 1.0,
+    "top_k": 0,
+    "min_p": 0.0,
+    "presence_penalty": 0.0,
+    "frequency_penalty": 0.0,
+    "repetition_penalty": 1.0,
+}
 
 
-def sampling_from_openai(body: dict[str, Any], max_output_tokens: int) -> SamplingParams:
-    """SamplingParams for a chat/completions body; raises APIError naming the bad field."""
-    for name in UNSUPPORTED_NONZERO:
-        if body.get(name) not in (None, 0, 0.0):
-            raise APIError(f"{name} is not supported", param=name)
+def sampling_from_openai(
+    body: dict[str, Any], max_output_tokens: int, defaults: dict[str, Any] | None = None
+) -> SamplingParams:
+    """SamplingParams for a chat/completions body; raises APIError naming the bad field.
+
+    An explicit ``max_tokens`` (or ``max_completion_tokens``) above ``max_output_tokens`` is a
+    400; a default one is not capped here (the engine stops at the context limit).
+    """
+    defaults = defaults or {}
     if body.get("n") not in (None, 1):
         raise APIError("only n=1 is supported", param="n")
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    explicit_max_tokens = max_tokens is not None
     if max_tokens is None:
-        max_tokens = max_output_tokens
+        max_tokens = defaults.get("max_tokens")
     stop = body.get("stop")
     if isinstance(stop, str):
         stop = [stop]
     num_logprobs = _num_logprobs(body.get("logprobs"), body.get("top_logprobs"))
+    values = {name: _value(body, defaults, name) for name in NEUTRAL}
     params = SamplingParams(
         max_tokens=max_tokens,
-        temperature=_number(body, "temperature", 1.0),
-        top_p=_number(body, "top_p", 1.0),
-        top_k=body.get("top_k", 0),
-        min_p=_number(body, "min_p", 0.0),
         seed=body.get("seed"),
         stop=stop or [],
         stop_token_ids=body.get("stop_token_ids") or [],
-        min_tokens=body.get("min_tokens", 0),
+        min_tokens=body.get("min_tokens", 0) if body.get("min_tokens") is not None else 0,
         ignore_eos=bool(body.get("ignore_eos", False)),
         logprobs=num_logprobs,
+        logit_bias=_logit_bias(body.get("logit_bias")),
+        **values,
     )
     try:
         params.validate()
     except InvalidRequestError as exc:
-        raise APIError(str(exc)) from exc
-    if params.max_tokens > max_output_tokens:
+        raise APIError(str(exc), param=_field_named_in(str(exc))) from exc
+    requested = params.max_tokens if explicit_max_tokens else None
+    if requested is not None and requested > max_output_tokens:
         raise APIError(f"max_tokens may be at most {max_output_tokens}", param="max_tokens")
     return params
 
 
-def _number(body: dict[str, Any], name: str, default: float) -> Any:
+def _value(body: dict[str, Any], defaults: dict[str, Any], name: str) -> Any:
     value = body.get(name)
-    return default if value is None else value
+    if value is None:
+        value = defaults.get(name, NEUTRAL[name])
+    return value
+
+
+def _logit_bias(value: Any) -> dict[int, float]:
+    """OpenAI sends ``{"token id as a string": bias}``; integer keys are accepted too."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise APIError("logit_bias must be an object of token id -> bias", param="logit_bias")
+    result: dict[int, float] = {}
+    for key, bias in value.items():
+        try:
+            token_id = int(key)
+        except (TypeError, ValueError):
+            raise APIError(
+                f"logit_bias keys must be token ids, got {key!r}", param="logit_bias"
+            ) from None
+        result[token_id] = bias
+    return result
+
+
+def _field_named_in(message: str) -> str | None:
+    """The SamplingParams field a validation message starts with (for the error's param)."""
+    name = message.split(" ", 1)[0]
+    return name if name.isidentifier() else None
 
 
 def _num_logprobs(logprobs: Any, top_logprobs: Any) -> Any:

@@ -137,7 +137,9 @@ class ResponsesConnection:
             "temperature": request.get("temperature"),
             "top_p": request.get("top_p"),
         }
-        params = sampling_from_openai(body, self.state.limits.max_output_tokens)
+        params = sampling_from_openai(
+            body, self.state.limits.max_output_tokens, self.state.sampling_defaults
+        )
         tools = normalize_tools(request.get("tools"))
         tool_choice = request.get("tool_choice") or "auto"
         params.logits_processors = self.state.tools.processors(

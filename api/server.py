@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import uvicorn
 
@@ -14,6 +15,7 @@ from api.net import is_loopback
 from api.state import Limits, ServerState
 from api.tool_runtime import ToolRuntime
 from engine.async_engine import AsyncEngine
+from engine.generation_config import sampling_defaults
 from engine.llm_engine import LLMEngine
 from sessions.manager import SessionManager
 from sessions.owner_keys import OwnerKeys
@@ -21,6 +23,7 @@ from sessions.ownership import SessionOwnership
 from sessions.record_store import MemoryRecordStore, RedisRecordStore, SessionRecordStore
 from sessions.redis_connect import connect_redis
 from sessions.tiers.factory import build_kv_store
+from tools.tool_call import ToolCallFormat
 
 
 @dataclass
@@ -39,15 +42,28 @@ class ServeOptions:
     # Keys the owner hash stored in session records (TARRY_OWNER_KEY_SECRET); None = a plain
     # namespaced SHA-256. Instances sharing a Redis need the same value.
     owner_key_secret: bytes | None = None
+    # The model ids clients use (the first is reported); () = the model's name, plus "tarry".
+    served_model_names: tuple[str, ...] = ()
+    generation_config: str = "auto"  # auto | vllm | none | a directory (engine.generation_config)
+    override_generation_config: dict[str, Any] = field(default_factory=dict)
+    tool_call_parser: ToolCallFormat | None = None  # None: chosen from the chat template
 
 
 def build_state(engine: LLMEngine, options: ServeOptions) -> ServerState:
     """KV tiers + session manager around ``engine``; starts the engine's step loop.
 
-    Raises ValueError when a non-loopback host is asked for without an API key.
+    Raises ValueError when a non-loopback host is asked for without an API key, or when the
+    generation config (``options.generation_config`` and its override) is unusable.
     """
     if not is_loopback(options.host) and not options.api_keys:
         raise ValueError(f"--api-key is required to listen on the non-loopback host {options.host}")
+    loaded = engine.loaded
+    defaults = sampling_defaults(
+        loaded.source_dir,
+        loaded.embedded,
+        options.generation_config,
+        options.override_generation_config,
+    )
     url, cluster = options.redis_url, options.redis_cluster
     engine.attach_kv_store(
         build_kv_store(engine, options.host_kv_bytes, url, redis_cluster=cluster)
@@ -61,16 +77,25 @@ def build_state(engine: LLMEngine, options: ServeOptions) -> ServerState:
         )
     runner = AsyncEngine(engine)
     runner.start()
-    tools = ToolRuntime(engine.tokenizer, engine.vocab_size, sorted(engine.eos_token_ids))
+    tools = ToolRuntime(
+        engine.tokenizer,
+        engine.vocab_size,
+        sorted(engine.eos_token_ids),
+        tool_call_parser=options.tool_call_parser,
+    )
+    served = options.served_model_names or (loaded.name,)
     return ServerState(
         runner=runner,
         sessions=SessionManager(
             runner, records, ownership=ownership, owner_keys=OwnerKeys(options.owner_key_secret)
         ),
-        model_name=engine.loaded.name,
+        model_name=served[0],
         tools=tools,
         api_keys=set(options.api_keys),
         limits=options.limits or Limits(),
+        served_model_names=served,
+        model_aliases=() if options.served_model_names else ("tarry",),
+        sampling_defaults=defaults,
     )
 
 

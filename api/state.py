@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 from dataclasses import dataclass, field
+from typing import Any
 
 from api.errors import APIError
 from api.metrics import Metrics
@@ -34,7 +35,13 @@ class Limits:
 
 @dataclass
 class ServerState:
-    """The served model and its session manager; ``api_keys`` empty = no authentication."""
+    """The served model and its session manager; ``api_keys`` empty = no authentication.
+
+    ``model_name`` is the id responses report; ``served_model_names`` (``model_name`` first)
+    are the ids ``/v1/models`` lists; a request may name any of them or an alias in
+    ``model_aliases`` (``tarry`` unless ``--served-model-name`` is given). ``sampling_defaults``
+    are SamplingParams field values for fields a request leaves unset.
+    """
 
     runner: AsyncEngine
     sessions: SessionManager
@@ -45,6 +52,22 @@ class ServerState:
     metrics: Metrics = field(default_factory=Metrics)
     # Set when the shutdown grace period is over: running HTTP requests end with a 503.
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
+    served_model_names: tuple[str, ...] = ()
+    model_aliases: tuple[str, ...] = ()
+    sampling_defaults: dict[str, Any] = field(default_factory=dict)
+
+    def check_model(self, model: Any) -> None:
+        """Raise APIError(404, ``model_not_found``) unless ``model`` is None or served here."""
+        if model is None:
+            return
+        served = self.served_model_names or (self.model_name,)
+        if model not in served and model not in self.model_aliases:
+            raise APIError(
+                f"The model `{model}` does not exist (served: {', '.join(served)}).",
+                code="model_not_found",
+                status=404,
+                param="model",
+            )
 
     def owner_for(self, authorization: str | None) -> str:
         """The owner id (``sessions.owner_keys``) of a bearer token's tenant; raises

@@ -22,6 +22,7 @@ from api.errors import APIError
 from tools.render import ToolSchemaError, tool_call_format, validate_tools
 from tools.sandbox import PythonSandbox, SandboxResult
 from tools.streaming_parser import StreamingToolParser
+from tools.tool_call import ToolCallFormat
 
 PYTHON_TOOL_NAME = "python"
 CLOSING_RESERVE = 16  # tokens kept to close a forced call: quotes, braces, </tool_call>, EOS
@@ -66,23 +67,37 @@ def normalize_tools(tools: Any) -> list[dict[str, Any]]:
     return result
 
 
-TOOL_CHOICE_MODES = (None, "auto", "none", "required")
-
-
-def check_tool_choice(tool_choice: Any) -> None:
-    """APIError unless ``tool_choice`` is a mode, a function name or ``{"type": "function",
-    "function": {"name"}}`` / ``{"type": "function", "name"}``."""
-    if tool_choice in TOOL_CHOICE_MODES or isinstance(tool_choice, str):
+def check_tool_choice(tools: list[dict[str, Any]] | None, tool_choice: Any) -> None:
+    """Raise APIError (400, param ``tool_choice``) unless ``tool_choice`` is "auto", "none",
+    "required" with at least one tool, or names one of ``tools`` (a name, the chat form
+    ``{"type": "function", "function": {"name": ...}}`` or the Responses form ``{"name": ...}``).
+    With ``tools=None`` (not known yet, e.g. a session default) only the form is checked.
+    """
+    if tool_choice in (None, "auto", "none"):
         return
+    if tool_choice == "required":
+        if tools is not None and not tools:
+            raise APIError('tool_choice "required" needs at least one tool', param="tool_choice")
+        return
+    name: Any = tool_choice
     if isinstance(tool_choice, dict):
         function = tool_choice.get("function", tool_choice)
-        if isinstance(function, dict) and isinstance(function.get("name"), str):
-            return
-    raise APIError(
-        'tool_choice must be "auto", "none", "required" or {"type": "function", '
-        '"function": {"name": ...}}',
-        param="tool_choice",
-    )
+        name = function.get("name") if isinstance(function, dict) else None
+    if not isinstance(name, str):
+        raise APIError(
+            'tool_choice must be "auto", "none", "required" or '
+            '{"type": "function", "function": {"name": ...}}',
+            param="tool_choice",
+        )
+    if tools is None:
+        return
+    names = [tool["function"]["name"] for tool in tools]
+    if name not in names:
+        raise APIError(
+            f"tool_choice names the function {name!r}, which is not in tools "
+            f"(tools: {names or 'none given'})",
+            param="tool_choice",
+        )
 
 
 def python_result_text(result: SandboxResult) -> str:
@@ -111,21 +126,27 @@ class ToolRuntime:
     stop_token_ids: list[int]
     sandbox_root: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="tarry-py-")))
     sandbox_factory: Callable[[Path], PythonSandbox] = PythonSandbox
+    tool_call_parser: ToolCallFormat | None = None  # --tool-call-parser; None: from the template
     _constrainer: Any = None
     _sandboxes: dict[str, PythonSandbox] = field(default_factory=dict)
 
+    @property
+    def call_format(self) -> ToolCallFormat:
+        """The format model output is parsed in: ``tool_call_parser``, else the template's."""
+        return self.tool_call_parser or tool_call_format(self.tokenizer)
+
     def parser(self) -> StreamingToolParser:
-        return StreamingToolParser(tool_call_format(self.tokenizer))
+        return StreamingToolParser(self.call_format)
 
     def processors(
-        self, tools: list[dict[str, Any]], tool_choice: Any, max_tokens: int = 1 << 20
+        self, tools: list[dict[str, Any]], tool_choice: Any, max_tokens: int | None = None
     ) -> list[Any]:
         """Logits processors forcing a call for "required" or a named function; [] otherwise.
 
         The call starts closing its open strings and objects ``CLOSING_RESERVE`` tokens before
         ``max_tokens`` runs out, so a forced call is complete whenever the budget allows.
         """
-        check_tool_choice(tool_choice)
+        check_tool_choice(tools, tool_choice)
         if not tools or tool_choice in (None, "auto", "none"):
             return []
         if self._constrainer is None:
@@ -136,7 +157,9 @@ class ToolRuntime:
             )
         try:
             processor = self._constrainer.processor_for(
-                tools, tool_choice, max_call_tokens=max(0, max_tokens - CLOSING_RESERVE)
+                tools,
+                tool_choice,
+                max_call_tokens=max(0, (max_tokens or 1 << 20) - CLOSING_RESERVE),
             )
         except ToolSchemaError as exc:
             raise APIError(str(exc), param="tool_choice") from exc

@@ -341,8 +341,10 @@ class SessionConnection:
             "seed": config.get("seed"),
             "stop": config.get("stop"),
         }
-        check_tool_choice(config.get("tool_choice"))
-        return sampling_from_openai(body, self.state.limits.max_output_tokens)
+        check_tool_choice(None, config.get("tool_choice"))
+        return sampling_from_openai(
+            body, self.state.limits.max_output_tokens, self.state.sampling_defaults
+        )
 
     async def _response_cancel(self, event: dict[str, Any]) -> None:
         task = self.response_task

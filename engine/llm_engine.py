@@ -6,8 +6,10 @@ thread-safe; ``AsyncEngine`` drives it from one thread.
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -29,6 +31,18 @@ from engine.sampler import SamplingRow, sample
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.step_inputs import SeqChunk
+
+logger = logging.getLogger(__name__)
+OPEN_ENDED_LOG_EVERY = 1024  # log an open-ended request's progress every this many tokens
+
+
+class OpenEndedLoad(NamedTuple):
+    """Unfinished requests without ``max_tokens`` (they may run to the context limit), for
+    ``/metrics``: how many, the most tokens one has generated, the oldest one's age."""
+
+    num_requests: int
+    max_output_tokens: int
+    oldest_age_s: float
 
 
 @dataclass
@@ -92,6 +106,7 @@ class LLMEngine:
             reclaim=self.offload.reclaim,
             on_preempt=self.offload.swap_out,
         )
+        self.num_open_ended_requests = 0  # admitted without max_tokens, since start
         model_max = getattr(loaded.config, "max_position_embeddings", None) or 1 << 30
         self.max_model_len = min(
             self.config.max_model_len or model_max, model_max, num_blocks * block_size
@@ -136,11 +151,16 @@ class LLMEngine:
     ) -> Request:
         """Validate and queue a request. Raises InvalidRequestError and changes nothing if the
         request is malformed (empty or over-long prompt, bad token ids, bad sampling values,
-        duplicate id)."""
+        a ``logit_bias`` id outside the vocabulary, duplicate id)."""
         params = params or SamplingParams()
         params.validate()
         if request_id in self._states:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        if params.logit_bias and max(params.logit_bias) >= self.vocab_size:
+            raise InvalidRequestError(
+                f"logit_bias token ids must be in [0, {self.vocab_size}), "
+                f"got {max(params.logit_bias)}"
+            )
         token_ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
         self._validate_prompt(token_ids)
         request = Request(
@@ -160,6 +180,14 @@ class LLMEngine:
             generator,
         )
         self.scheduler.add_request(request)
+        if params.max_tokens is None:
+            self.num_open_ended_requests += 1
+            logger.info(
+                "request %s has no max_tokens: it may generate up to %d tokens (the rest of "
+                "the context)",
+                request_id,
+                self.max_model_len - len(token_ids),
+            )
         return request
 
     def _validate_prompt(self, token_ids: list[int]) -> None:
@@ -227,7 +255,9 @@ class LLMEngine:
         if request.num_output_tokens < params.min_tokens:
             banned = sorted({*request.eos_token_ids, *params.stop_token_ids})
         generator = self._states[request.request_id].generator
-        return SamplingRow(params, generator, banned, request.output_token_ids)
+        return SamplingRow(
+            params, generator, banned, request.output_token_ids, request.prompt_token_ids
+        )
 
     def _process_token(
         self, request: Request, token_id: int, logprob: TokenLogprob | None
@@ -236,6 +266,8 @@ class LLMEngine:
         request.append_output_token(token_id)
         new_text = state.text.add(state.detokenizer.append(token_id))
         status = self._stop_status(request, token_id, state.text)
+        if request.sampling_params.max_tokens is None:
+            self._log_open_ended(request, status)
         if status is not None:
             new_text += state.text.flush()
             self.scheduler.finish(request, status)
@@ -268,11 +300,48 @@ class LLMEngine:
                 request.stop_reason = text.stopped_by
                 return RequestStatus.FINISHED_STOPPED
         if (
-            request.num_output_tokens >= params.max_tokens
-            or request.num_tokens >= self.max_model_len
-        ):
+            params.max_tokens is not None and request.num_output_tokens >= params.max_tokens
+        ) or request.num_tokens >= self.max_model_len:
             return RequestStatus.FINISHED_LENGTH
         return None
+
+    def _log_open_ended(self, request: Request, status: RequestStatus | None) -> None:
+        """Make a request without ``max_tokens`` visible while it runs long and when it runs
+        into the context limit."""
+        age_s = time.monotonic() - request.arrival_time
+        if status is RequestStatus.FINISHED_LENGTH:
+            logger.warning(
+                "request %s ran to the context limit (%d tokens) without max_tokens: "
+                "%d tokens generated in %.1f s",
+                request.request_id,
+                self.max_model_len,
+                request.num_output_tokens,
+                age_s,
+            )
+        elif status is None and request.num_output_tokens % OPEN_ENDED_LOG_EVERY == 0:
+            logger.warning(
+                "request %s has generated %d tokens in %.1f s without max_tokens; it may run "
+                "to the context limit of %d tokens",
+                request.request_id,
+                request.num_output_tokens,
+                age_s,
+                self.max_model_len,
+            )
+
+    def open_ended_load(self) -> OpenEndedLoad:
+        """A snapshot of the unfinished requests without ``max_tokens``; safe to call from
+        another thread than the one stepping (it reads a copy of the request list)."""
+        now = time.monotonic()
+        open_ended = [
+            state.request
+            for state in list(self._states.values())
+            if state.request.sampling_params.max_tokens is None
+        ]
+        return OpenEndedLoad(
+            len(open_ended),
+            max((r.num_output_tokens for r in open_ended), default=0),
+            max((now - r.arrival_time for r in open_ended), default=0.0),
+        )
 
     # -- lower tiers and pins (see ``engine.offload_manager``) ---------------------------------
 

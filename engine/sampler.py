@@ -1,4 +1,5 @@
-"""Turns next-token logits into tokens: greedy, temperature, top-k, top-p, min-p, seeds.
+"""Turns next-token logits into tokens: greedy, temperature, top-k, top-p, min-p, seeds,
+logit bias and presence / frequency / repetition penalties.
 
 Rows are independent: each has its own ``SamplingParams`` and, for seeded requests, its own
 ``torch.Generator`` (so a seeded request samples the same tokens whatever else is batched).
@@ -20,6 +21,7 @@ class SamplingRow(NamedTuple):
     generator: torch.Generator | None  # None: the global torch RNG
     banned_token_ids: list[int]  # e.g. EOS while fewer than min_tokens were generated
     output_token_ids: Sequence[int] = ()  # the request's tokens so far, for logits processors
+    prompt_token_ids: Sequence[int] = ()  # for repetition_penalty (prompt and output tokens)
 
 
 def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> list[tuple[int, TokenLogprob | None]]:
@@ -41,7 +43,13 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> list[tuple[int, Tok
 
 def _is_plain_greedy(row: SamplingRow) -> bool:
     """Greedy on the raw logits: no processor or ban can change the argmax."""
-    return row.params.is_greedy and not row.params.logits_processors and not row.banned_token_ids
+    params = row.params
+    return (
+        params.is_greedy
+        and not params.logits_processors
+        and not row.banned_token_ids
+        and not params.has_penalties
+    )
 
 
 def _plain_greedy_tokens(logits: torch.Tensor, rows: list[SamplingRow]) -> list[int | None]:
@@ -57,16 +65,58 @@ def _plain_greedy_tokens(logits: torch.Tensor, rows: list[SamplingRow]) -> list[
 
 
 def _constrain(raw: torch.Tensor, row: SamplingRow) -> torch.Tensor:
-    """Apply the row's logits processors (in order), then its bans, to a copy of ``raw``."""
-    processors = row.params.logits_processors
-    if not processors and not row.banned_token_ids:
+    """Apply the row's logits processors (in order), its logit bias, its bans, then its
+    penalties (vLLM's order) to a copy of ``raw``."""
+    params = row.params
+    if not params.logits_processors and not row.banned_token_ids and not params.has_penalties:
         return raw
     constrained = raw.clone()
-    for processor in processors:
+    for processor in params.logits_processors:
         constrained = processor(row.output_token_ids, constrained)
+    if params.logit_bias:
+        token_ids = torch.tensor(list(params.logit_bias), device=constrained.device)
+        bias = torch.tensor(list(params.logit_bias.values()), device=constrained.device)
+        constrained[token_ids] += bias.to(constrained.dtype)
     if row.banned_token_ids:
         constrained[row.banned_token_ids] = float("-inf")
-    return constrained
+    return apply_penalties(
+        constrained,
+        row.prompt_token_ids,
+        row.output_token_ids,
+        params.presence_penalty,
+        params.frequency_penalty,
+        params.repetition_penalty,
+    )
+
+
+def apply_penalties(
+    logits: torch.Tensor,  # [vocab]
+    prompt_token_ids: Sequence[int],
+    output_token_ids: Sequence[int],
+    presence_penalty: float,
+    frequency_penalty: float,
+    repetition_penalty: float,
+) -> torch.Tensor:
+    """vLLM's penalties on one row: repetition (prompt and output tokens), then frequency and
+    presence (output tokens only, the OpenAI definition). Returns ``logits`` (modified)."""
+    vocab_size = logits.shape[-1]
+    device = logits.device
+    if repetition_penalty != 1.0:
+        seen = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+        for ids in (prompt_token_ids, output_token_ids):
+            if len(ids):
+                seen[torch.tensor(list(ids), device=device)] = True
+        penalized = torch.where(
+            logits > 0, logits / repetition_penalty, logits * repetition_penalty
+        )
+        logits = torch.where(seen, penalized, logits)
+    if (presence_penalty or frequency_penalty) and len(output_token_ids):
+        output_ids = torch.tensor(list(output_token_ids), device=device)
+        counts = torch.bincount(output_ids, minlength=vocab_size)[:vocab_size].to(logits.dtype)
+        logits = (
+            logits - frequency_penalty * counts - presence_penalty * (counts > 0).to(logits.dtype)
+        )
+    return logits
 
 
 def _pick(logits: torch.Tensor, row: SamplingRow) -> int:

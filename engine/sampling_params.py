@@ -40,9 +40,20 @@ class SamplingParams:
     Stop strings are cut from the returned text unless ``include_stop_str_in_output``.
     ``logits_processors`` run in order on each step's logits before bans (``min_tokens``),
     temperature and filters; log-probabilities stay those of the raw logits.
+
+    ``max_tokens = None`` means the rest of the context: generation stops at the engine's
+    ``max_model_len`` (as vLLM's default).
+
+    Penalties follow vLLM (and, for presence/frequency, the OpenAI definition), applied in this
+    order after the logits processors: ``logit_bias`` adds its value (in [-100, 100]) to each
+    listed token id's logit; ``repetition_penalty`` (> 0, 1 = off) divides the positive logits
+    and multiplies the negative ones of every token that occurs in the prompt or the output;
+    ``frequency_penalty`` (in [-2, 2]) subtracts ``penalty * count`` for each token's count in
+    the output so far and ``presence_penalty`` (in [-2, 2]) subtracts ``penalty`` once for
+    every token present in the output. They apply to greedy requests too.
     """
 
-    max_tokens: int = 256
+    max_tokens: int | None = 256
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
@@ -54,16 +65,35 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     include_stop_str_in_output: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
     logits_processors: list[LogitsProcessor] = field(default_factory=list)
 
     @property
     def is_greedy(self) -> bool:
         return self.temperature == 0.0
 
+    @property
+    def has_penalties(self) -> bool:
+        """True when a penalty or a logit bias changes the logits before sampling."""
+        return bool(
+            self.presence_penalty
+            or self.frequency_penalty
+            or self.repetition_penalty != 1.0
+            or self.logit_bias
+        )
+
     def validate(self) -> None:
         """Raise InvalidRequestError naming the first invalid field."""
         _require(
-            isinstance(self.max_tokens, int) and self.max_tokens > 0,
+            self.max_tokens is None
+            or (
+                isinstance(self.max_tokens, int)
+                and not isinstance(self.max_tokens, bool)
+                and self.max_tokens > 0
+            ),
             f"max_tokens must be a positive integer, got {self.max_tokens!r}",
         )
         _require(
@@ -96,8 +126,28 @@ class SamplingParams:
             "stop_token_ids must be a list of non-negative integers",
         )
         _require(
-            isinstance(self.min_tokens, int) and 0 <= self.min_tokens <= self.max_tokens,
+            isinstance(self.min_tokens, int)
+            and 0 <= self.min_tokens <= (self.max_tokens or self.min_tokens),
             f"min_tokens must be in [0, max_tokens], got {self.min_tokens!r}",
+        )
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            _require(
+                _is_number(value) and -2.0 <= value <= 2.0,
+                f"{name} must be in [-2, 2], got {value!r}",
+            )
+        _require(
+            _is_number(self.repetition_penalty) and 0.0 < self.repetition_penalty <= 2.0,
+            f"repetition_penalty must be in (0, 2], got {self.repetition_penalty!r}",
+        )
+        _require(
+            isinstance(self.logit_bias, dict)
+            and all(
+                isinstance(token_id, int) and not isinstance(token_id, bool) and token_id >= 0
+                for token_id in self.logit_bias
+            )
+            and all(_is_number(v) and -100.0 <= v <= 100.0 for v in self.logit_bias.values()),
+            "logit_bias must map token ids (non-negative integers) to numbers in [-100, 100]",
         )
         _require(
             self.logprobs is None

@@ -326,3 +326,16 @@ def test_smollm2_closes_the_call_once_the_token_budget_is_spent(engine, constrai
     jsonschema.validate(call.arguments, NESTED_PARAMS)
     assert call.arguments is not None and call.arguments["title"] == ""
     print(f"\nbudget 0: {len(out.new_token_ids)} tokens: {out.new_text}")
+
+
+def test_pattern_leaf_keeps_xgrammar_named_arguments():
+    """xgrammar writes a ``pattern`` as ``Regex("...", json_string=true)``; renaming its rules
+    into the call grammar must leave the named argument alone (it used to break the build)."""
+    schema = {
+        "type": "object",
+        "properties": {"code": {"type": "string", "pattern": r"^[A-Z]{3}-\d{4}$"}},
+        "required": ["code"],
+    }
+    text = tool_call_grammar([FunctionSpec("book", schema)])
+    assert "json_string=true" in text.replace(" ", "")
+    xgr.Grammar.from_ebnf(text)  # raises on a malformed grammar

@@ -209,7 +209,10 @@ class ToolCallConstrainer:
                 grammar = xgr.Grammar.from_ebnf(grammar_text)
             except Exception as exc:  # xgrammar reports grammar errors as RuntimeError
                 raise ToolSchemaError(f"could not build the tool-call grammar: {exc}") from exc
-            compiled = self._compiler.compile_grammar(grammar)
+            try:
+                compiled = self._compiler.compile_grammar(grammar)
+            except Exception as exc:
+                raise ToolSchemaError(f"could not compile the tool-call grammar: {exc}") from exc
             if len(self._compiled) >= _MAX_CACHED_GRAMMARS:
                 self._compiled.pop(next(iter(self._compiled)))
             self._compiled[key] = compiled
@@ -277,7 +280,8 @@ def _chosen_functions(
         return functions
     name: object = tool_choice
     if isinstance(tool_choice, dict):
-        name = tool_choice.get("function", tool_choice).get("name")
+        function = tool_choice.get("function", tool_choice)
+        name = function.get("name") if isinstance(function, dict) else None
     chosen = [f for f in functions if f.name == name]
     if not chosen:
         raise ToolSchemaError(f"tool_choice names no given function: {tool_choice!r}")

@@ -39,10 +39,12 @@ MAX_BOUNDED_STRING_CHARS = 256
 
 _NUMERIC_BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
 _COMBINATORS = ("anyOf", "oneOf")
-# In xgrammar EBNF text: string literals, character classes and identifiers (not calls).
+# In xgrammar EBNF text: string literals, character classes, named arguments (kept as they
+# are) and identifiers (not calls).
 _EBNF_TOKEN = re.compile(
     r'"(?:[^"\\]|\\.)*"'  # string literal
     r"|\[(?:[^\]\\]|\\.)*\]"  # character class
+    r"|[A-Za-z_][A-Za-z0-9_]*\s*=(?!=)\s*[A-Za-z0-9_]+"  # named argument: Regex(.., a=true)
     r"|[A-Za-z_][A-Za-z0-9_]*\b(?!\s*\()"  # rule name (not a builtin call such as Regex(...))
 )
 
@@ -238,7 +240,7 @@ class SchemaGrammarBuilder:
 
         def rename(match: re.Match[str]) -> str:
             token = match.group(0)
-            return token if token[0] in '"[' else prefix + token
+            return token if token[0] in '"[' or "=" in token else prefix + token
 
         for line in text.strip().splitlines():
             name, _, body = line.partition(" ::= ")

@@ -12,8 +12,8 @@
   the Hermes convention (``<tool_call>`` in the assistant turn, ``<tool_response>`` in a user
   turn).
 
-Invalid tool schemas raise ``ToolSchemaError`` (a ``ValueError``); the input lists are never
-modified.
+Invalid tool schemas raise ``ToolSchemaError`` (an ``InvalidRequestError``, the one class the
+grammar builder raises too); the input lists are never modified.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import contextlib
 import json
 from typing import Any, NamedTuple
 
+from tools.json_schema_grammar import ToolSchemaError
 from tools.tool_call import ToolCallFormat
 
 PROBE_TOOL_NAME = "tarry_probe_tool_4c1e"
@@ -65,10 +66,6 @@ For each function call, return a json object with function name and arguments wi
 <tool_call>
 {{"name": <function-name>, "arguments": <args-json-object>}}
 </tool_call>"""
-
-
-class ToolSchemaError(ValueError):
-    """A tool definition is not ``{"type": "function", "function": {"name": str, ...}}``."""
 
 
 class ToolPrompt(NamedTuple):
