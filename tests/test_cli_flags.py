@@ -257,7 +257,7 @@ def test_real_tarry_serve_with_vllm_flags(tmp_path, smollm2):
         )
         assert greedy.choices[0].message.content == default.choices[0].message.content
         long_prompt = [{"role": "user", "content": "word " * 200}]
-        with pytest.raises(openai.BadRequestError, match="context limit is 128"):
+        with pytest.raises(openai.BadRequestError, match="context (limit )?is 128"):
             client.chat.completions.create(model="smol", messages=long_prompt)
         chunked = [{"role": "user", "content": "word " * 80}]  # > 64: prefilled in two steps
         assert (
