@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from kernels import reference
+from kernels import cpu_native, reference
 from kernels.cpu_attention import (
     CpuAttentionPlan,
     paged_attention_cpu,
@@ -156,7 +156,10 @@ def plan_attention(
         return AttentionBatch(
             slot_mapping, block_tables, seq_lens, query_start_loc, plan, None, None
         )
-    cpu_plan = plan_paged_attention_cpu(block_tables, seq_lens, query_start_loc, key_cache.shape[1])
+    native = cpu_native.supports(key_cache, num_heads)
+    cpu_plan = plan_paged_attention_cpu(
+        block_tables, seq_lens, query_start_loc, key_cache.shape[1], native
+    )
     valid = slot_mapping >= 0
     store_rows = None if bool(valid.all()) else valid.nonzero().squeeze(1)
     return AttentionBatch(
