@@ -158,13 +158,14 @@ def bench_model(baseline: ModuleType, repeats: int) -> None:
     runner = ModelRunner(loaded, num_blocks=1200, block_size=BLOCK_SIZE)
     current = (ops.plan_paged_attention_cpu, ops.run_paged_attention_cpu)
 
+    def plan_old(*args: Any) -> Any:
+        return baseline.plan_paged_attention_cpu(*args[:4])  # it has no ``native`` argument
+
     def use(version: str) -> None:
         if version == "new":
             ops.plan_paged_attention_cpu, ops.run_paged_attention_cpu = current
             return
-        ops.plan_paged_attention_cpu = lambda *args, native=False: (  # type: ignore[assignment]
-            baseline.plan_paged_attention_cpu(*args)
-        )
+        ops.plan_paged_attention_cpu = plan_old  # type: ignore[assignment]
         ops.run_paged_attention_cpu = baseline.run_paged_attention_cpu
 
     gen = torch.Generator().manual_seed(0)

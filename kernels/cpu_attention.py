@@ -37,9 +37,11 @@ from kernels.reference import paged_attention_ref
 # before SDPA reads them again (measured with SmolLM2-135M's heads: 16 rows x 2000 keys cost
 # twice as much per row as 4 x 2000; 4096 was the best of 1024..16384 over mixed batches).
 MAX_GROUP_KEYS = 4096
-# Longest query of a sequence whose rows go to the compiled kernel (one row per token);
-# longer queries are prefills for SDPA, whose matrix products win there.
-NATIVE_MAX_QUERY_LEN = 1
+# Longest query of a sequence whose rows go to the compiled kernel (one row per token, each
+# reading the sequence's K/V); longer queries are prefills for SDPA, whose matrix products win
+# there (measured with SmolLM2's heads, 4 sequences x 1000 keys: the kernel was ahead at 2 and
+# 4 query tokens, 3x behind at 8).
+NATIVE_MAX_QUERY_LEN = 4
 
 
 class SeqSpan(NamedTuple):
@@ -85,21 +87,33 @@ def plan_paged_attention_cpu(
     q_lens = starts[1:] - starts[:-1]
     max_short = NATIVE_MAX_QUERY_LEN if native else 1
     short = (q_lens >= 1) & (q_lens <= max_short)
-    num_seqs = block_tables.shape[0]
-    offsets = torch.arange(block_size)
-    slots = (block_tables.long().unsqueeze(-1) * block_size + offsets).view(num_seqs, -1)
-    prefills = [
-        SeqSpan(int(starts[i]), int(starts[i + 1]), int(lens[i]), slots[i, : lens[i]])
-        for i in np.flatnonzero(q_lens > max_short).tolist()
-    ]
-    num_tokens = int(starts[-1]) if starts.shape[0] else 0
+    long_idx = np.flatnonzero(q_lens > max_short).tolist()
     if native:
+        slots = _token_slots(block_tables[long_idx], block_size)
+        prefills = [
+            SeqSpan(int(starts[i]), int(starts[i + 1]), int(lens[i]), slots[n, : lens[i]])
+            for n, i in enumerate(long_idx)
+        ]
         rows = _native_rows(block_tables, starts, lens, q_lens, short, block_size)
         return CpuAttentionPlan([], prefills, False, rows)
+    slots = _token_slots(block_tables, block_size)
+    prefills = [
+        SeqSpan(int(starts[i]), int(starts[i + 1]), int(lens[i]), slots[i, : lens[i]])
+        for i in long_idx
+    ]
     decode = [(i, int(lens[i])) for i in np.flatnonzero(short).tolist()]
     groups = [_decode_group(slots, starts, members) for members in _group_by_length(decode)]
+    num_tokens = int(starts[-1]) if starts.shape[0] else 0
     decode_only = not prefills and len(groups) == 1 and len(decode) == num_tokens
     return CpuAttentionPlan(groups, prefills, decode_only, None)
+
+
+def _token_slots(
+    block_tables: torch.Tensor,  # [n, max_blocks_per_seq] int32
+    block_size: int,
+) -> torch.Tensor:  # [n, max_blocks_per_seq * block_size] int64: flat cache slot of each token
+    offsets = torch.arange(block_size)
+    return (block_tables.long().unsqueeze(-1) * block_size + offsets).flatten(1)
 
 
 def _native_rows(
@@ -114,8 +128,11 @@ def _native_rows(
     seq_len-token sequence sees seq_len - q + j + 1 keys (causal)."""
     if not short.any():
         return None
-    row_seq = np.repeat(np.flatnonzero(short), q_lens[short])
-    row_query = np.concatenate([np.arange(starts[i], starts[i + 1]) for i in np.flatnonzero(short)])
+    short_q_lens = q_lens[short]
+    row_seq = np.repeat(np.flatnonzero(short), short_q_lens)
+    first_row = np.cumsum(short_q_lens) - short_q_lens  # of each short query, among the rows
+    row_query = np.arange(row_seq.shape[0])
+    row_query += np.repeat(starts[:-1][short] - first_row, short_q_lens)
     row_kv_len = lens[row_seq] - (starts[row_seq + 1] - row_query) + 1
     return cpu_native.plan_native_rows(
         block_tables, row_query, row_seq, row_kv_len, block_size, torch.get_num_threads()
