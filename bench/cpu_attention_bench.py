@@ -25,6 +25,7 @@ printed too) and the ratio old / new. With ``--model`` it also times a whole Smo
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import statistics
 import subprocess
@@ -181,7 +182,7 @@ def bench_model(baseline: ModuleType, repeats: int) -> None:
         for _ in range(max(3, repeats // 2)):
             for version in times:
                 use(version)
-                times[version].append(seconds(lambda c=chunks: runner.execute(c), 0.5))
+                times[version].append(seconds(functools.partial(runner.execute, chunks), 0.5))
         use("new")
         old, new = (statistics.median(times[v]) * 1e3 for v in ("old", "new"))
         print(

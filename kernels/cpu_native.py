@@ -22,7 +22,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -46,7 +46,7 @@ MAX_HEADS, MAX_HEAD_DIM, MAX_BLOCK = 64, 256, 128  # the C kernel's fixed array 
 
 _i64 = ctypes.c_int64
 _ptr = ctypes.c_void_p
-_ARGTYPES = (
+_ARGTYPES: list[Any] = (
     [_ptr, _i64, _i64, _ptr, _ptr, _ptr, _i64]  # query, its strides, caches, block tables
     + [_ptr, _ptr, _ptr, _i64]  # row_query, row_seq, row_kv_len, num_rows
     + [_ptr, _ptr, _ptr, _ptr, _i64]  # item_row, item_begin, item_end, row_first_item, items
