@@ -1,8 +1,9 @@
 """Device dispatch for the KV-cache kernels.
 
 The engine calls these functions only. On a CUDA tensor they run the Triton kernels (when
-Triton imports); on any other device they run torch code: ``kernels.cpu_attention`` for
-attention and the references in ``kernels.reference`` for the rest.
+Triton imports); on any other device ``kernels.cpu_attention`` for attention (torch's SDPA, and
+for float32 decode rows the compiled ``kernels.cpu_native`` kernel) and the references in
+``kernels.reference`` for the rest.
 Argument shapes are documented in ``kernels.reference``.
 
 A model step calls store_kv and paged attention once per layer with the same index tensors, so
