@@ -92,9 +92,10 @@ def make_batch(cases: list[tuple[int, int]], seed: int = 0) -> tuple[Any, ...]:
     return query, key_cache, value_cache, block_tables, seq_lens, query_start_loc
 
 
-def seconds(fn: Callable[[], object], min_time: float = 0.2) -> float:
+def seconds(fn: Callable[[], object], min_time: float = 0.2, warmup: bool = True) -> float:
     """Mean seconds per call of ``fn`` over at least ``min_time`` (after one warm-up call)."""
-    fn()
+    if warmup:
+        fn()
     calls, start = 0, time.perf_counter()
     while True:
         fn()
@@ -170,19 +171,25 @@ def bench_model(baseline: ModuleType, repeats: int) -> None:
         ops.run_paged_attention_cpu = baseline.run_paged_attention_cpu
 
     gen = torch.Generator().manual_seed(0)
-    for name, cases in CASES.items():
-        chunks, next_block = [], 0
+    for name in sorted(CASES, key=lambda name: name.startswith("prefill")):  # slowest last
+        cases = CASES[name]
+        chunks: list[SeqChunk] = []
+        next_block = 0
         for q_len, kv_len in cases:
             num_blocks = -(-kv_len // BLOCK_SIZE)
             tokens = torch.randint(100, 40000, (q_len,), generator=gen).tolist()
             block_ids = list(range(next_block, next_block + num_blocks))
             next_block += num_blocks
             chunks.append(SeqChunk(tokens, kv_len - q_len, block_ids, True))
+        forward = functools.partial(runner.execute, chunks)
         times: dict[str, list[float]] = {"old": [], "new": []}
+        for version in times:  # warm-up
+            use(version)
+            runner.execute(chunks)
         for _ in range(max(3, repeats // 2)):
             for version in times:
                 use(version)
-                times[version].append(seconds(functools.partial(runner.execute, chunks), 0.5))
+                times[version].append(seconds(forward, 0.5, warmup=False))
         use("new")
         old, new = (statistics.median(times[v]) * 1e3 for v in ("old", "new"))
         print(

@@ -78,8 +78,9 @@ int tarry_paged_rows_f32(
     const int32_t *table = block_tables + row_seq[row] * max_blocks_per_seq;
 
     /* One item streams whole blocks (all KV heads) in cache-line order. */
-    float qs[MAX_HEADS][MAX_HEAD_DIM], acc[MAX_HEADS][MAX_HEAD_DIM];
-    float m[MAX_HEADS], l[MAX_HEADS], s[MAX_BLOCK];
+    /* Sized by the call (at most MAX_HEADS x MAX_HEAD_DIM): 4.6 KB for SmolLM2's heads. */
+    float qs[num_heads][head_dim], acc[num_heads][head_dim];
+    float m[num_heads], l[num_heads], s[block_size];
     for (int64_t h = 0; h < num_heads; ++h) {
       m[h] = -FLT_MAX;
       l[h] = 0.0f;
