@@ -42,7 +42,7 @@ CFLAGS = [
     "-fno-signed-zeros",
     "-fno-trapping-math",
 ]
-MAX_HEADS, MAX_HEAD_DIM, MAX_BLOCK = 64, 256, 128  # the C kernel's fixed array bounds
+MAX_HEADS, MAX_HEAD_DIM, MAX_BLOCK = 64, 256, 128  # the C kernel refuses larger shapes
 
 _i64 = ctypes.c_int64
 _ptr = ctypes.c_void_p
