@@ -3,7 +3,7 @@
 Usage (from the repository root)::
 
     python -m bench.cpu_attention_bench [--baseline-rev f659842] [--repeats 7] [--model]
-                                        [--threads N]
+                                        [--threads N] [--only mixed]
 
 The baseline is the file ``kernels/cpu_attention.py`` at ``--baseline-rev`` (read with ``git
 show`` into a temporary module; default: the commit before the compiled decode kernel), run in
@@ -129,8 +129,9 @@ def layer_callers(baseline: ModuleType, batch: tuple[Any, ...]) -> dict[str, Any
     }
 
 
-def bench_layers(baseline: ModuleType, repeats: int) -> None:
-    for name, cases in CASES.items():
+def bench_layers(baseline: ModuleType, repeats: int, names: list[str]) -> None:
+    for name in names:
+        cases = CASES[name]
         batch = make_batch(cases)
         callers = layer_callers(baseline, batch)
         ref = callers["old"][1]()
@@ -150,7 +151,7 @@ def bench_layers(baseline: ModuleType, repeats: int) -> None:
         )
 
 
-def bench_model(baseline: ModuleType, repeats: int) -> None:
+def bench_model(baseline: ModuleType, repeats: int, names: list[str]) -> None:
     """Whole SmolLM2-135M forwards (30 layers) of the same batches, each version in ops."""
     from engine.model_loader import load_model
     from engine.model_runner import ModelRunner
@@ -171,7 +172,7 @@ def bench_model(baseline: ModuleType, repeats: int) -> None:
         ops.run_paged_attention_cpu = baseline.run_paged_attention_cpu
 
     gen = torch.Generator().manual_seed(0)
-    for name in sorted(CASES, key=lambda name: name.startswith("prefill")):  # slowest last
+    for name in sorted(names, key=lambda name: name.startswith("prefill")):  # slowest last
         cases = CASES[name]
         chunks: list[SeqChunk] = []
         next_block = 0
@@ -205,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=7, help="alternating rounds per case")
     parser.add_argument("--model", action="store_true", help="also time SmolLM2 forwards")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    parser.add_argument("--only", default="", help="run the cases whose name contains this")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -215,9 +217,10 @@ def main(argv: list[str] | None = None) -> int:
         f"baseline kernels/cpu_attention.py @ {args.baseline_rev}",
         flush=True,
     )
-    bench_layers(baseline, args.repeats)
+    names = [name for name in CASES if args.only in name]
+    bench_layers(baseline, args.repeats, names)
     if args.model:
-        bench_model(baseline, args.repeats)
+        bench_model(baseline, args.repeats, names)
     return 0
 
 
