@@ -1,38 +1,47 @@
-"""Paged attention for CPU tensors, built from torch ops (the engine's path when not on CUDA).
+"""Paged attention for CPU tensors (the engine's path when not on CUDA).
 
 Same contract as ``kernels.reference.paged_attention_ref`` (see its docstring for shapes), but
-organised for speed on a few CPU cores, where per-op overhead dominates small decode steps:
+organised for speed on a few CPU cores:
 
-* decode rows (query length 1) are attended together: rows of similar KV length form a group
-  whose keys are gathered into one padded ``[rows, kv_heads, max_len, head_dim]`` tensor and
-  go through one ``scaled_dot_product_attention`` call with a key mask (GQA without repeating
-  K/V). A row starts a new group when it is shorter than half the group's longest (padding at
-  most doubles the keys gathered) or the group would exceed ``MAX_GROUP_KEYS`` padded keys.
-  Padding repeats a real slot of the row's sequence, so no uninitialised cache slot is read.
-  (Measured against one matmul pair per row on 2 cores with SmolLM2-135M's heads: 1.2-2.5x
-  faster for 8-64 rows of 10-2000 keys, more for narrower models; a single row is slightly
-  slower.)
-* a prefill row (query length > 1) is one ``scaled_dot_product_attention`` call; with nothing
+* rows of short queries (decode, query length <= ``NATIVE_MAX_QUERY_LEN``) go, when the
+  compiled kernel ``kernels.cpu_native`` is available (float32 and a C compiler), to one call
+  for the whole batch that reads every sequence's K/V in place from its blocks: no gather, no
+  per-sequence Python, GQA without repeated K/V, split over the keys when rows are few. (SmolLM2
+  heads on 2 cores: see docs/BENCHMARKS.md, "CPU attention".)
+* without the compiled kernel, decode rows are attended together by torch: rows of similar KV
+  length form a group whose keys are gathered into one padded ``[rows, kv_heads, max_len,
+  head_dim]`` tensor and go through one ``scaled_dot_product_attention`` call with a key mask.
+  A row starts a new group when it is shorter than half the group's longest (padding at most
+  doubles the keys gathered) or the group would exceed ``MAX_GROUP_KEYS`` padded keys. Padding
+  repeats a real slot of the row's sequence, so no uninitialised cache slot is read.
+* a prefill row (longer query) is one ``scaled_dot_product_attention`` call; with nothing
   cached it uses SDPA's causal kernel, otherwise an explicit bottom-right-aligned causal mask.
 
-Everything derived from the index tensors (host lengths, slots, groups, masks) is computed once
-per batch by ``plan_paged_attention_cpu``; ``run_paged_attention_cpu`` is the per-layer part.
-Logit soft-capping falls back to the reference implementation.
+Everything derived from the index tensors (host lengths, slots, groups, rows, masks) is computed
+once per batch by ``plan_paged_attention_cpu``; ``run_paged_attention_cpu`` is the per-layer
+part. Logit soft-capping falls back to the reference implementation.
 """
 
 from __future__ import annotations
 
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from kernels import cpu_native
 from kernels.reference import paged_attention_ref
 
 # Padded keys per decode group. Larger groups gather K/V that no longer fit in the CPU caches
 # before SDPA reads them again (measured with SmolLM2-135M's heads: 16 rows x 2000 keys cost
 # twice as much per row as 4 x 2000; 4096 was the best of 1024..16384 over mixed batches).
 MAX_GROUP_KEYS = 4096
+# Longest query of a sequence whose rows go to the compiled kernel (one row per token, each
+# reading the sequence's K/V); longer queries are prefills for SDPA, whose matrix products win
+# there (measured with SmolLM2's heads, 4 sequences x 1000 keys: the kernel was ahead at 2 and
+# 4 query tokens, 3x behind at 8).
+NATIVE_MAX_QUERY_LEN = 4
 
 
 class SeqSpan(NamedTuple):
@@ -57,9 +66,10 @@ class DecodeGroup(NamedTuple):
 class CpuAttentionPlan(NamedTuple):
     """What every layer's attention of one batch needs from the index tensors, made once."""
 
-    decode_groups: list[DecodeGroup]
+    decode_groups: list[DecodeGroup]  # torch path: decode rows (empty when native_rows is set)
     prefills: list[SeqSpan]
     decode_only: bool  # one group holding rows 0 .. num_tokens - 1: its output is the output
+    native_rows: cpu_native.NativeRows | None  # compiled path: the short queries' rows
 
 
 def plan_paged_attention_cpu(
@@ -67,25 +77,66 @@ def plan_paged_attention_cpu(
     seq_lens: torch.Tensor,  # [num_seqs] int32
     query_start_loc: torch.Tensor,  # [num_seqs + 1] int32
     block_size: int,
+    native: bool = False,
 ) -> CpuAttentionPlan:
-    """Read the batch's lengths to the host, turn block tables into token slots and group the
-    decode rows."""
-    num_seqs = block_tables.shape[0]
-    offsets = torch.arange(block_size)
-    slots = (block_tables.long().unsqueeze(-1) * block_size + offsets).view(num_seqs, -1)
-    starts = query_start_loc.tolist()
-    decode: list[tuple[int, int]] = []  # (seq_idx, seq_len)
-    prefills: list[SeqSpan] = []
-    for seq_idx, seq_len in enumerate(seq_lens.tolist()):
-        q_start, q_end = starts[seq_idx], starts[seq_idx + 1]
-        if q_end - q_start == 1:
-            decode.append((seq_idx, seq_len))
-        elif q_end > q_start:
-            prefills.append(SeqSpan(q_start, q_end, seq_len, slots[seq_idx, :seq_len]))
+    """Read the batch's lengths to the host, turn block tables into token slots and plan the
+    short queries: with ``native`` (see ``cpu_native.supports``) as rows of the compiled kernel,
+    otherwise as torch decode groups."""
+    starts = np.asarray(query_start_loc.tolist(), np.int64)
+    lens = np.asarray(seq_lens.tolist(), np.int64)
+    q_lens = starts[1:] - starts[:-1]
+    max_short = NATIVE_MAX_QUERY_LEN if native else 1
+    short = (q_lens >= 1) & (q_lens <= max_short)
+    long_idx = np.flatnonzero(q_lens > max_short).tolist()
+    if native:
+        slots = _token_slots(block_tables[long_idx], block_size)
+        prefills = [
+            SeqSpan(int(starts[i]), int(starts[i + 1]), int(lens[i]), slots[n, : lens[i]])
+            for n, i in enumerate(long_idx)
+        ]
+        rows = _native_rows(block_tables, starts, lens, q_lens, short, block_size)
+        return CpuAttentionPlan([], prefills, False, rows)
+    slots = _token_slots(block_tables, block_size)
+    prefills = [
+        SeqSpan(int(starts[i]), int(starts[i + 1]), int(lens[i]), slots[i, : lens[i]])
+        for i in long_idx
+    ]
+    decode = [(i, int(lens[i])) for i in np.flatnonzero(short).tolist()]
     groups = [_decode_group(slots, starts, members) for members in _group_by_length(decode)]
-    num_tokens = starts[-1] if starts else 0
+    num_tokens = int(starts[-1]) if starts.shape[0] else 0
     decode_only = not prefills and len(groups) == 1 and len(decode) == num_tokens
-    return CpuAttentionPlan(groups, prefills, decode_only)
+    return CpuAttentionPlan(groups, prefills, decode_only, None)
+
+
+def _token_slots(
+    block_tables: torch.Tensor,  # [n, max_blocks_per_seq] int32
+    block_size: int,
+) -> torch.Tensor:  # [n, max_blocks_per_seq * block_size] int64: flat cache slot of each token
+    offsets = torch.arange(block_size)
+    return (block_tables.long().unsqueeze(-1) * block_size + offsets).flatten(1)
+
+
+def _native_rows(
+    block_tables: torch.Tensor,  # [num_seqs, max_blocks_per_seq] int32
+    starts: np.ndarray,  # [num_seqs + 1] query_start_loc
+    lens: np.ndarray,  # [num_seqs] seq_lens
+    q_lens: np.ndarray,  # [num_seqs]
+    short: np.ndarray,  # [num_seqs] bool: its query's rows go to the kernel
+    block_size: int,
+) -> cpu_native.NativeRows | None:
+    """One row per token of the short queries; token j of a q-token query at the end of a
+    seq_len-token sequence sees seq_len - q + j + 1 keys (causal)."""
+    if not short.any():
+        return None
+    short_q_lens = q_lens[short]
+    row_seq = np.repeat(np.flatnonzero(short), short_q_lens)
+    first_row = np.cumsum(short_q_lens) - short_q_lens  # of each short query, among the rows
+    row_query = np.arange(row_seq.shape[0])
+    row_query += np.repeat(starts[:-1][short] - first_row, short_q_lens)
+    row_kv_len = lens[row_seq] - (starts[row_seq + 1] - row_query) + 1
+    return cpu_native.plan_native_rows(
+        block_tables, row_query, row_seq, row_kv_len, block_size, torch.get_num_threads()
+    )
 
 
 def _group_by_length(decode: list[tuple[int, int]]) -> list[list[tuple[int, int]]]:
@@ -106,7 +157,7 @@ def _group_by_length(decode: list[tuple[int, int]]) -> list[list[tuple[int, int]
 
 def _decode_group(
     slots: torch.Tensor,  # [num_seqs, max_blocks_per_seq * block_size] int64
-    starts: list[int],  # query_start_loc on the host
+    starts: np.ndarray,  # [num_seqs + 1] query_start_loc on the host
     members: list[tuple[int, int]],  # (seq_idx, seq_len)
 ) -> DecodeGroup:
     members = sorted(members)  # rows in query order
@@ -148,7 +199,10 @@ def paged_attention_cpu(
             sliding_window,
             softcap,
         )
-    plan = plan_paged_attention_cpu(block_tables, seq_lens, query_start_loc, key_cache.shape[1])
+    native = query.dtype == key_cache.dtype and cpu_native.supports(key_cache, query.shape[1])
+    plan = plan_paged_attention_cpu(
+        block_tables, seq_lens, query_start_loc, key_cache.shape[1], native
+    )
     return run_paged_attention_cpu(query, key_cache, value_cache, plan, scale, sliding_window)
 
 
@@ -168,6 +222,10 @@ def run_paged_attention_cpu(
         group = plan.decode_groups[0]
         return _decode_rows(query, flat_keys, flat_values, group, scale, sliding_window)
     output = torch.empty_like(query)
+    if plan.native_rows is not None:
+        cpu_native.run_native_rows(
+            query, key_cache, value_cache, plan.native_rows, scale, sliding_window, output
+        )
     for group in plan.decode_groups:
         rows = query.index_select(0, group.rows)
         out = _decode_rows(rows, flat_keys, flat_values, group, scale, sliding_window)

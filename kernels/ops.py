@@ -1,8 +1,9 @@
 """Device dispatch for the KV-cache kernels.
 
 The engine calls these functions only. On a CUDA tensor they run the Triton kernels (when
-Triton imports); on any other device they run torch code: ``kernels.cpu_attention`` for
-attention and the references in ``kernels.reference`` for the rest.
+Triton imports); on any other device ``kernels.cpu_attention`` for attention (torch's SDPA, and
+for float32 decode rows the compiled ``kernels.cpu_native`` kernel) and the references in
+``kernels.reference`` for the rest.
 Argument shapes are documented in ``kernels.reference``.
 
 A model step calls store_kv and paged attention once per layer with the same index tensors, so
@@ -19,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from kernels import reference
+from kernels import cpu_native, reference
 from kernels.cpu_attention import (
     CpuAttentionPlan,
     paged_attention_cpu,
@@ -156,7 +157,10 @@ def plan_attention(
         return AttentionBatch(
             slot_mapping, block_tables, seq_lens, query_start_loc, plan, None, None
         )
-    cpu_plan = plan_paged_attention_cpu(block_tables, seq_lens, query_start_loc, key_cache.shape[1])
+    native = cpu_native.supports(key_cache, num_heads)
+    cpu_plan = plan_paged_attention_cpu(
+        block_tables, seq_lens, query_start_loc, key_cache.shape[1], native
+    )
     valid = slot_mapping >= 0
     store_rows = None if bool(valid.all()) else valid.nonzero().squeeze(1)
     return AttentionBatch(

@@ -1,0 +1,244 @@
+"""The compiled CPU kernel for paged attention of single query rows (``csrc/paged_rows.c``).
+
+The C source is compiled on first use with the system C compiler (``gcc -O3 -march=native
+-fopenmp``) into ``<cache>/kernels/paged_rows-<hash>.so`` and loaded with ``ctypes``; the hash
+covers the source, the flags and the CPU's feature flags, so a cache shared between machines
+never loads a library built for another CPU. Compiling takes about a second, once per machine.
+Where no compiler works, ``load_paged_rows()`` returns ``None`` (with one warning) and the
+caller keeps its torch path.
+
+The library links ``libgomp.so.1``, the OpenMP runtime torch itself loads, so its threads are
+torch's threads (``torch.get_num_threads()`` of them), not a second pool.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).resolve().parent / "csrc" / "paged_rows.c"
+CFLAGS = [
+    "-O3",
+    "-march=native",
+    "-fopenmp",
+    "-fPIC",
+    "-shared",
+    # Let gcc vectorise the dot products (reassociate float sums); infinities stay exact.
+    "-fno-math-errno",
+    "-fassociative-math",
+    "-fno-signed-zeros",
+    "-fno-trapping-math",
+]
+MAX_HEADS, MAX_HEAD_DIM, MAX_BLOCK = 64, 256, 128  # the C kernel refuses larger shapes
+
+_i64 = ctypes.c_int64
+_ptr = ctypes.c_void_p
+_ARGTYPES: list[Any] = (
+    [_ptr, _i64, _i64, _ptr, _ptr, _ptr, _i64]  # query, its strides, caches, block tables
+    + [_ptr, _ptr, _ptr, _i64]  # row_query, row_seq, row_kv_len, num_rows
+    + [_ptr, _ptr, _ptr, _ptr, _i64]  # item_row, item_begin, item_end, row_first_item, items
+    + [_i64, _i64, _i64, _i64, ctypes.c_float, _i64]  # heads, kv heads, dim, block, scale, win
+    + [_ptr, _ptr, _i64, _i64, ctypes.c_int]  # partial, out, its strides, threads
+)
+
+
+def _cpu_flags() -> str:
+    """The ``flags`` line of /proc/cpuinfo ('' where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("flags"):
+                    return line
+    except OSError:
+        pass
+    return ""
+
+
+def _cache_dir() -> Path:
+    """``$TARRY_CACHE_DIR/kernels`` or ``~/.cache/tarry/kernels`` (as the model cache)."""
+    root = os.environ.get("TARRY_CACHE_DIR") or Path.home() / ".cache" / "tarry"
+    return Path(root) / "kernels"
+
+
+def _build(library: Path) -> None:
+    """Compile ``SOURCE`` into ``library`` atomically (a concurrent build may win the race)."""
+    compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+    if compiler is None:
+        raise RuntimeError("no C compiler (gcc or cc) on PATH")
+    library.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=library.parent)
+    os.close(fd)
+    try:
+        subprocess.run(
+            [compiler, *CFLAGS, str(SOURCE), "-o", tmp, "-lm"],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        os.replace(tmp, library)
+    except subprocess.CalledProcessError as err:
+        raise RuntimeError(f"{compiler} failed: {err.stderr.strip()}") from err
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+@functools.lru_cache(maxsize=1)
+def load_paged_rows() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
+    """The compiled ``tarry_paged_rows_f32``, building it on first use; ``None`` where it
+    cannot be built or loaded (logged once). ``TARRY_NATIVE_ATTENTION=0`` turns it off."""
+    if os.environ.get("TARRY_NATIVE_ATTENTION", "1") == "0":
+        return None
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(source + " ".join(CFLAGS).encode() + _cpu_flags().encode())
+    library = _cache_dir() / f"paged_rows-{key.hexdigest()[:16]}.so"
+    try:
+        if not library.exists():
+            _build(library)
+        function = ctypes.CDLL(str(library)).tarry_paged_rows_f32
+    except (OSError, RuntimeError, subprocess.SubprocessError) as err:
+        logger.warning("compiled CPU attention unavailable, using the torch path: %s", err)
+        return None
+    function.argtypes = _ARGTYPES
+    function.restype = ctypes.c_int
+    return function
+
+
+def supports(
+    key_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    num_heads: int,
+) -> bool:
+    """Whether the compiled kernel handles attention of ``num_heads`` float32 query heads over
+    caches like ``key_cache`` (on the CPU), and could be built."""
+    block_size, num_kv_heads, head_dim = key_cache.shape[1:]
+    return (
+        key_cache.device.type == "cpu"
+        and key_cache.dtype == torch.float32
+        and num_heads % num_kv_heads == 0
+        and num_heads <= MAX_HEADS
+        and head_dim <= MAX_HEAD_DIM
+        and block_size <= MAX_BLOCK
+        and load_paged_rows() is not None
+    )
+
+
+class NativeRows(NamedTuple):
+    """Query rows for the compiled kernel, planned once per batch (all tensors int64 unless
+    noted). Row ``r`` is query token ``row_query[r]`` of sequence ``row_seq[r]`` and sees that
+    sequence's keys ``[0, row_kv_len[r])`` (less any sliding window, applied per layer)."""
+
+    block_tables: torch.Tensor  # [num_seqs, max_blocks_per_seq] int32, contiguous
+    row_query: torch.Tensor  # [num_rows]
+    row_seq: torch.Tensor  # [num_rows]
+    row_kv_len: torch.Tensor  # [num_rows]
+    item_row: torch.Tensor  # [num_items]: the row of each item (a run of key positions)
+    item_begin: torch.Tensor  # [num_items]: its first key position
+    item_end: torch.Tensor  # [num_items]: one past its last key position
+    row_first_item: torch.Tensor  # [num_rows + 1]: row r owns items [first[r], first[r + 1])
+
+
+# Fewest keys per item: shorter runs add more merge work than they spread.
+MIN_ITEM_KEYS = 256
+# Items per thread aimed at, so rows of unequal length still balance over the threads.
+ITEMS_PER_THREAD = 8
+
+
+def plan_native_rows(
+    block_tables: torch.Tensor,  # [num_seqs, max_blocks_per_seq] int32
+    row_query: np.ndarray,  # [num_rows] int64
+    row_seq: np.ndarray,  # [num_rows] int64
+    row_kv_len: np.ndarray,  # [num_rows] int64, each >= 1
+    block_size: int,
+    num_threads: int,
+) -> NativeRows:
+    """Cut every row's keys into items of whole blocks, about ``ITEMS_PER_THREAD`` items per
+    thread over the batch (split-K for few long rows, one item per row for many)."""
+    total_keys = int(row_kv_len.sum())
+    item_keys = max(MIN_ITEM_KEYS, -(-total_keys // (ITEMS_PER_THREAD * num_threads)))
+    item_keys = -(-item_keys // block_size) * block_size
+    items_per_row = -(-row_kv_len // item_keys)
+    row_first_item = np.zeros(row_kv_len.shape[0] + 1, np.int64)
+    np.cumsum(items_per_row, out=row_first_item[1:])
+    item_row = np.repeat(np.arange(row_kv_len.shape[0]), items_per_row)
+    item_begin = (np.arange(item_row.shape[0]) - row_first_item[item_row]) * item_keys
+    item_end = np.minimum(item_begin + item_keys, row_kv_len[item_row])
+    as_tensor = torch.from_numpy
+    return NativeRows(
+        block_tables=block_tables.to(torch.int32).contiguous(),
+        row_query=as_tensor(row_query.astype(np.int64)),
+        row_seq=as_tensor(row_seq.astype(np.int64)),
+        row_kv_len=as_tensor(row_kv_len.astype(np.int64)),
+        item_row=as_tensor(item_row),
+        item_begin=as_tensor(item_begin),
+        item_end=as_tensor(item_end),
+        row_first_item=as_tensor(row_first_item),
+    )
+
+
+def run_native_rows(
+    query: torch.Tensor,  # [num_tokens, num_heads, head_dim] float32, last dim contiguous
+    key_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim], contiguous
+    value_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim], contiguous
+    rows: NativeRows,
+    scale: float,
+    sliding_window: int | None,
+    out: torch.Tensor,  # [num_tokens, num_heads, head_dim] float32, last dim contiguous
+) -> None:
+    """Write the attention of every planned row into its row of ``out`` (other rows are left
+    alone). Raises ``RuntimeError`` on shapes the kernel was not built for."""
+    function = load_paged_rows()
+    if function is None:
+        raise RuntimeError("the compiled CPU attention kernel is not available")
+    num_heads, head_dim = query.shape[1], query.shape[2]
+    num_kv_heads, block_size = key_cache.shape[2], key_cache.shape[1]
+    for tensor in (query, key_cache, value_cache, out):
+        if tensor.dtype != torch.float32 or tensor.stride(-1) != 1:
+            raise RuntimeError("compiled CPU attention takes float32 with a contiguous last dim")
+    if not (key_cache.is_contiguous() and value_cache.is_contiguous()):
+        raise RuntimeError("compiled CPU attention reads contiguous caches")
+    partial = torch.empty(rows.item_row.shape[0], num_heads, head_dim + 2)
+    status = function(
+        query.data_ptr(),
+        query.stride(0),
+        query.stride(1),
+        key_cache.data_ptr(),
+        value_cache.data_ptr(),
+        rows.block_tables.data_ptr(),
+        rows.block_tables.shape[1],
+        rows.row_query.data_ptr(),
+        rows.row_seq.data_ptr(),
+        rows.row_kv_len.data_ptr(),
+        rows.row_query.shape[0],
+        rows.item_row.data_ptr(),
+        rows.item_begin.data_ptr(),
+        rows.item_end.data_ptr(),
+        rows.row_first_item.data_ptr(),
+        rows.item_row.shape[0],
+        num_heads,
+        num_kv_heads,
+        head_dim,
+        block_size,
+        scale,
+        sliding_window or 0,
+        partial.data_ptr(),
+        out.data_ptr(),
+        out.stride(0),
+        out.stride(1),
+        torch.get_num_threads(),
+    )
+    if status != 0:
+        raise RuntimeError(f"compiled CPU attention rejected the shapes (status {status})")
