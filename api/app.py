@@ -28,9 +28,9 @@ async def health(request: Request) -> Response:
     body = {
         "status": status,
         "model": state.model_name,
-        "engine_running": state.runner.is_running,
+        "engine_running": state.async_engine.is_running,
         "tiers": tiers,
-        "kv_pool_usage": round(state.runner.stats.kv_pool_usage, 4),
+        "kv_pool_usage": round(state.async_engine.stats.kv_pool_usage, 4),
         "time": time.time(),
     }
     ownership = state.sessions.ownership
@@ -43,7 +43,7 @@ async def health(request: Request) -> Response:
 
 async def metrics(request: Request) -> Response:
     state: ServerState = request.app.state.tarry
-    stats = state.runner.stats
+    stats = state.async_engine.stats
     state.metrics.pool_usage.set(stats.kv_pool_usage)
     state.metrics.requests_running.set(stats.num_running)
     state.metrics.requests_waiting.set(stats.num_waiting)
@@ -59,7 +59,7 @@ async def metrics(request: Request) -> Response:
     if ownership is not None:
         state.metrics.leases_held.set(len(ownership.leases.held))
     state.metrics.fenced_writes.set(state.sessions.records.fenced_writes)
-    engine = state.runner.engine  # open_ended_load reads a copy: safe off the engine thread
+    engine = state.async_engine.engine  # open_ended_load reads a copy: safe off the engine thread
     open_ended = engine.open_ended_load()
     state.metrics.open_ended_running.set(open_ended.num_requests)
     state.metrics.open_ended_max_output_tokens.set(open_ended.max_output_tokens)

@@ -252,14 +252,14 @@ async def _generate(args: argparse.Namespace) -> int:
         top_k=args.top_k,
         seed=args.seed,
     )
-    runner = AsyncEngine(engine)
-    runner.start()
+    async_engine = AsyncEngine(engine)
+    async_engine.start()
     try:
-        async for out in runner.generate(prompt, params):
+        async for out in async_engine.generate(prompt, params):
             print(out.new_text, end="", flush=True)
         print()
     finally:
-        runner.shutdown()
+        async_engine.shutdown()
     return 0
 
 
@@ -343,7 +343,7 @@ def _serve(args: argparse.Namespace) -> int:
             return 3  # uvicorn's start-up failure code (e.g. the port is in use)
     finally:
         state.tools.close()  # kill every sandbox interpreter and remove its directory
-        state.runner.shutdown()
+        state.async_engine.shutdown()
         if state.sessions.ownership is not None:
             state.sessions.ownership.close()  # release leases: other instances take over now
     exit_now(0)

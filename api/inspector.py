@@ -69,7 +69,7 @@ class InspectorHub:
         self.state = state
         self.interval_s = interval_s
         self.linger_s = linger_s
-        self.census = KVCensus(state.runner)
+        self.census = KVCensus(state.async_engine)
         self.history: deque[dict[str, Any]] = deque(maxlen=max(1, int(history_s / interval_s)))
         self.latest: Snapshot | None = None
         self.viewers: set[Viewer] = set()

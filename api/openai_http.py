@@ -206,7 +206,7 @@ async def chat_completions(request: Request) -> Response:
     tools = normalize_tools(body.get("tools"))
     tool_choice = body.get("tool_choice", "auto")
     params.logits_processors = state.tools.processors(tools, tool_choice, params.max_tokens)
-    engine = state.runner.engine
+    engine = state.async_engine.engine
     include_usage = _include_usage(body.get("stream_options"))
     messages = chat_messages(body)
     parser = state.tools.parser() if tools and tool_choice != "none" else None
@@ -223,7 +223,7 @@ async def chat_completions(request: Request) -> Response:
             prompt = await state.sessions.prompt_for(messages, tools or None)
         except SessionError as exc:
             raise APIError(str(exc), code=exc.code, param="messages") from exc
-        source = state.runner.generate(prompt, params, cache_salt=owner)
+        source = state.async_engine.generate(prompt, params, cache_salt=owner)
     completion = Completion(state.model_name, "chat")
     pulled = await run_until_disconnect(
         request.receive, _first_then_rest(_generate(state, source, "chat")), state.stopping
@@ -392,7 +392,7 @@ async def completions(request: Request) -> Response:
         raise APIError("prompt must be a string or a list of token ids", param="prompt")
     params = sampling_from_openai(body, state.limits.max_output_tokens, state.sampling_defaults)
     completion = Completion(state.model_name, "text")
-    source = state.runner.generate(prompt, params, cache_salt=owner)
+    source = state.async_engine.generate(prompt, params, cache_salt=owner)
     pulled = await run_until_disconnect(
         request.receive,
         _first_then_rest(_generate(state, source, "completions")),
@@ -456,8 +456,8 @@ def _model_card(state: ServerState, model_id: str) -> dict[str, Any]:
         "object": "model",
         "created": 0,
         "owned_by": "tarry",
-        "root": state.runner.engine.loaded.name,
-        "max_model_len": state.runner.engine.max_model_len,
+        "root": state.async_engine.engine.loaded.name,
+        "max_model_len": state.async_engine.engine.max_model_len,
     }
 
 

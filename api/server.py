@@ -75,8 +75,8 @@ def build_state(engine: LLMEngine, options: ServeOptions) -> ServerState:
             connect_redis(url, cluster=cluster),
             instance_id=ownership.instance_id if ownership is not None else None,
         )
-    runner = AsyncEngine(engine)
-    runner.start()
+    async_engine = AsyncEngine(engine)
+    async_engine.start()
     tools = ToolRuntime(
         engine.tokenizer,
         engine.vocab_size,
@@ -85,9 +85,12 @@ def build_state(engine: LLMEngine, options: ServeOptions) -> ServerState:
     )
     served = options.served_model_names or (loaded.name,)
     return ServerState(
-        runner=runner,
+        async_engine=async_engine,
         sessions=SessionManager(
-            runner, records, ownership=ownership, owner_keys=OwnerKeys(options.owner_key_secret)
+            async_engine,
+            records,
+            ownership=ownership,
+            owner_keys=OwnerKeys(options.owner_key_secret),
         ),
         model_name=served[0],
         tools=tools,
@@ -147,6 +150,6 @@ class BackgroundServer:
         self.thread.join(timeout=10)
         self.state.tools.close()
         self.state.sessions.close_pool()
-        self.state.runner.shutdown()
+        self.state.async_engine.shutdown()
         if self.state.sessions.ownership is not None:
             self.state.sessions.ownership.close()

@@ -56,7 +56,7 @@ class DrainingServer(uvicorn.Server):
 
     def _drain_step(self) -> None:
         assert self.drain_deadline is not None
-        stats = self.state.runner.stats
+        stats = self.state.async_engine.stats
         busy = stats.num_running + stats.num_waiting
         if self._accepting:
             self._accepting = False

@@ -43,7 +43,7 @@ class ServerState:
     are SamplingParams field values for fields a request leaves unset.
     """
 
-    runner: AsyncEngine
+    async_engine: AsyncEngine
     sessions: SessionManager
     model_name: str
     tools: ToolRuntime

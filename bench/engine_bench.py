@@ -182,7 +182,7 @@ def step_host_ms(engine: LLMEngine, prompts: list[list[int]], num_steps: int) ->
     for _ in range(num_steps):
         times.append(timed(engine.step))
     step_ms = 1000 * sum(times[4:]) / len(times[4:])
-    decode = engine.runner.decode
+    decode = engine.model_runner.decode
     batch = len(prompts)
     if decode is None or batch not in decode.graphs:
         result = f"step {step_ms:.2f} ms (no CUDA graph for this batch: GPU time not separated)"
@@ -214,7 +214,7 @@ def gpu_decode_suite(loaded: LoadedModel, enforce_eager: bool, compile_backend: 
             compile_backend=compile_backend,
         ),
     )
-    decode = engine.runner.decode
+    decode = engine.model_runner.decode
     print(
         f"engine ready in {time.perf_counter() - started:.1f}s: "
         f"{len(decode.graphs) if decode else 0} CUDA graphs "

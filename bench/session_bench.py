@@ -38,10 +38,12 @@ def make_manager(loaded: LoadedModel, tiers: list[str], redis_url: str) -> Sessi
             redis_client=redis.Redis.from_url(redis_url) if "redis" in tiers else None,
         )
     )
-    runner = AsyncEngine(engine)
-    runner.start()
+    async_engine = AsyncEngine(engine)
+    async_engine.start()
     # Pauses here always keep: the benchmark decides placement itself.
-    return SessionManager(runner, MemoryRecordStore(), PausePolicy(keep_ttl_s=1e9, turn_pause_s=0))
+    return SessionManager(
+        async_engine, MemoryRecordStore(), PausePolicy(keep_ttl_s=1e9, turn_pause_s=0)
+    )
 
 
 def turn_ttft(manager: SessionManager, session: Session, text: str) -> float:
@@ -69,9 +71,9 @@ def build_session(manager: SessionManager, num_tokens: int, seed: int) -> Sessio
 
 
 def drop_device(manager: SessionManager, session: Session) -> None:
-    llm = manager.llm
-    manager.engine.run_exclusive(llm.unpin, session.session_id)
-    manager.engine.run_exclusive(llm.reset_prefix_cache)
+    engine = manager.engine
+    manager.async_engine.run_exclusive(engine.unpin, session.session_id)
+    manager.async_engine.run_exclusive(engine.reset_prefix_cache)
 
 
 def resume_vs_recompute(loaded: LoadedModel, redis_url: str) -> None:
@@ -87,7 +89,7 @@ def resume_vs_recompute(loaded: LoadedModel, redis_url: str) -> None:
             f"  (target >= 10x at 4k)",
             flush=True,
         )
-    manager.engine.shutdown()
+    manager.async_engine.shutdown()
 
 
 def restore_vs_recompute(loaded: LoadedModel, redis_url: str) -> None:
@@ -98,7 +100,7 @@ def restore_vs_recompute(loaded: LoadedModel, redis_url: str) -> None:
         drop_device(manager, session)
         restored = turn_ttft(manager, session, "Continue.")
         restored_tokens = session.last_usage.restored_tokens
-        manager.engine.run_exclusive(manager.llm.attach_kv_store, None)
+        manager.async_engine.run_exclusive(manager.engine.attach_kv_store, None)
         drop_device(manager, session)
         recompute = turn_ttft(manager, session, "Continue again.")
         print(
@@ -107,22 +109,22 @@ def restore_vs_recompute(loaded: LoadedModel, redis_url: str) -> None:
             f"{recompute / restored:6.1f}x  (target Redis >= 10x)",
             flush=True,
         )
-        manager.engine.shutdown()
+        manager.async_engine.shutdown()
 
 
 def redis_bandwidth(loaded: LoadedModel, redis_url: str) -> None:
     manager = make_manager(loaded, ["redis"], redis_url)
     session = build_session(manager, 4096, 2)
     manager.offload(session)
-    llm = manager.llm
-    hashes = llm.kv_manager.hashes_for_tokens(session.token_ids, session.cache_salt)
-    block_size = llm.config.block_size
+    engine = manager.engine
+    hashes = engine.kv_manager.hashes_for_tokens(session.token_ids, session.cache_salt)
+    block_size = engine.config.block_size
     tokens = [session.token_ids[i * block_size : (i + 1) * block_size] for i in range(len(hashes))]
     store = RedisKVStore(
         redis.Redis.from_url(redis_url),
-        llm.fingerprint,
-        dtype=llm.loaded.dtype,
-        block_shape=llm.kv_block_shape,
+        engine.fingerprint,
+        dtype=engine.loaded.dtype,
+        block_shape=engine.kv_block_shape,
     )
     store.load(hashes, tokens)  # warm-up
     timings = []
@@ -139,7 +141,7 @@ def redis_bandwidth(loaded: LoadedModel, redis_url: str) -> None:
         f"{', '.join(f'{t * 1000:.0f}' for t in timings)} ms; {len(hashes)} blocks, pipelined)"
         "  (target >= 0.8 GB/s)"
     )
-    manager.engine.shutdown()
+    manager.async_engine.shutdown()
 
 
 def shared_prefix_blocks(loaded: LoadedModel, redis_url: str) -> None:
@@ -150,14 +152,14 @@ def shared_prefix_blocks(loaded: LoadedModel, redis_url: str) -> None:
         session = manager.create("bench", instructions=shared)
         turn_ttft(manager, session, f"Agent {idx} here.")
         sessions.append(session)
-    pins = manager.llm.offload.pins.values()
+    pins = manager.engine.offload.pins.values()
     used = len({block.block_id for pin in pins for block in pin.blocks})
-    unshared = sum(len(s.token_ids) // manager.llm.config.block_size for s in sessions)
+    unshared = sum(len(s.token_ids) // manager.engine.config.block_size for s in sessions)
     print(
         f"32 sessions sharing a {len(manager.tokenizer.encode(shared))}-token prefix: "
         f"{used} device blocks pinned (without sharing: {unshared})"
     )
-    manager.engine.shutdown()
+    manager.async_engine.shutdown()
 
 
 def main() -> None:

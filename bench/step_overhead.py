@@ -109,8 +109,8 @@ def timed_steps_cpu(
 def run_batch(engine: LLMEngine, batch: int, args: argparse.Namespace) -> None:
     """Time (and optionally profile) ``args.tokens`` decode steps of ``batch`` requests."""
     start_batch(engine, batch, args.prompt_len, args.tokens)
-    timed_steps(engine, args.warmup, engine.runner.device)
-    pairs = timed_steps_cpu(engine, args.tokens - args.warmup, engine.runner.device)
+    timed_steps(engine, args.warmup, engine.model_runner.device)
+    pairs = timed_steps_cpu(engine, args.tokens - args.warmup, engine.model_runner.device)
     times = [wall for wall, _ in pairs]
     mean_ms, median_ms = 1000 * statistics.mean(times), 1000 * statistics.median(times)
     cpu_ms = 1000 * statistics.median(cpu for _, cpu in pairs)
@@ -125,7 +125,7 @@ def run_batch(engine: LLMEngine, batch: int, args: argparse.Namespace) -> None:
     if args.profile:
         start_batch(engine, batch, args.prompt_len, args.tokens)
         profiler = cProfile.Profile()
-        profiler.runcall(timed_steps, engine, args.tokens, engine.runner.device)
+        profiler.runcall(timed_steps, engine, args.tokens, engine.model_runner.device)
         for key in ("cumulative", "tottime"):
             print(f"--- batch {batch}: cProfile of {args.tokens} decode steps, by {key}")
             pstats.Stats(profiler).sort_stats(key).print_stats(args.profile)

@@ -236,7 +236,7 @@ def run_mode(loaded: LoadedModel, name: str, agent_fn: AgentFn, workload: Worklo
     base_url = server.start()
     try:
         warm_up(base_url)
-        state.runner.run_exclusive(state.runner.engine.reset_prefix_cache)
+        state.async_engine.run_exclusive(state.async_engine.engine.reset_prefix_cache)
         barrier = threading.Barrier(workload.agents + 1)
         with ThreadPoolExecutor(workload.agents) as pool:
             futures = [

@@ -86,7 +86,7 @@ class LLMEngine:
             KV_LAYOUT,
             (kv_shape.num_layers, 2, block_size, kv_shape.num_kv_heads, kv_shape.head_dim),
         )
-        self.runner = ModelRunner(loaded, num_blocks, block_size)
+        self.model_runner = ModelRunner(loaded, num_blocks, block_size)
         # One block of every layer, as stored off the device: [layers, 2, block, kv_heads, dim].
         self.kv_block_shape = (
             kv_shape.num_layers,
@@ -98,7 +98,7 @@ class LLMEngine:
         self.kv_manager = KVCacheManager(
             num_blocks, block_size, self.config.enable_prefix_caching, self.fingerprint.encode()
         )
-        self.offload = OffloadManager(self.kv_manager, self.runner.kv_cache, kv_store)
+        self.offload = OffloadManager(self.kv_manager, self.model_runner.kv_cache, kv_store)
         self.scheduler = Scheduler(
             self.kv_manager,
             self.config.max_num_batched_tokens,
@@ -112,7 +112,7 @@ class LLMEngine:
             self.config.max_model_len or model_max, model_max, num_blocks * block_size
         )
         # Decode steps: static bucket-padded inputs, CUDA graphs on CUDA (engine.decode_graph).
-        self.runner.setup_decode(DecodeOptions.from_config(self.config, self.max_model_len))
+        self.model_runner.setup_decode(DecodeOptions.from_config(self.config, self.max_model_len))
         self.eos_token_ids = loaded.eos_token_ids()
         self.vocab_size = int(loaded.config.vocab_size)
         self._states: dict[str, _RequestState] = {}
@@ -172,7 +172,7 @@ class LLMEngine:
         )
         generator = None
         if params.seed is not None:
-            generator = torch.Generator(device=self.runner.device).manual_seed(params.seed)
+            generator = torch.Generator(device=self.model_runner.device).manual_seed(params.seed)
         self._states[request_id] = _RequestState(
             request,
             new_detokenizer(self.tokenizer, token_ids),
@@ -237,7 +237,7 @@ class LLMEngine:
             )
             for request, num_new in schedule.scheduled
         ]
-        logits = self.runner.execute(chunks)
+        logits = self.model_runner.execute(chunks)
         to_sample = self.scheduler.update_after_step(schedule)
         rows = [self._sampling_row(request) for request in to_sample]
         outputs = [

@@ -82,9 +82,9 @@ class KVCensus:
     Not thread-safe: one caller at a time (the inspector's single sampler).
     """
 
-    def __init__(self, engine: AsyncEngine, redis_refresh_s: float = 10.0) -> None:
-        self.engine = engine
-        self.llm = engine.engine
+    def __init__(self, async_engine: AsyncEngine, redis_refresh_s: float = 10.0) -> None:
+        self.async_engine = async_engine
+        self.engine = async_engine.engine
         self.redis_refresh_s = redis_refresh_s
         self._memos: dict[str, _Memo] = {}
         self.last_lock_s = 0.0  # how long the latest census held the engine lock
@@ -92,7 +92,7 @@ class KVCensus:
 
     def tiers(self) -> list[Any]:
         """The engine's KV store's tiers, fastest first ([] without a store)."""
-        store = self.llm.kv_store
+        store = self.engine.kv_store
         if store is None:
             return []
         return list(getattr(store, "tiers", [store]))
@@ -125,7 +125,7 @@ class KVCensus:
         for gone in set(self._memos) - set(hashes):
             del self._memos[gone]
         asked = time.perf_counter()
-        pool, on_device = self.engine.run_exclusive(self._read_device, hashes)
+        pool, on_device = self.async_engine.run_exclusive(self._read_device, hashes)
         self.last_lock_wait_s = time.perf_counter() - asked - self.last_lock_s
         host = redis = None
         for tier in self.tiers():
@@ -147,8 +147,8 @@ class KVCensus:
     def _read_device(self, hashes: dict[str, list[BlockHash]]) -> tuple[PoolStats, dict[str, int]]:
         """Under the engine lock: dictionary look-ups only."""
         started = time.perf_counter()
-        on_device = {sid: self.llm.num_device_blocks(h) for sid, h in hashes.items()}
-        pool = self.llm.pool_stats()
+        on_device = {sid: self.engine.num_device_blocks(h) for sid, h in hashes.items()}
+        pool = self.engine.pool_stats()
         self.last_lock_s = time.perf_counter() - started
         return pool, on_device
 
@@ -156,7 +156,7 @@ class KVCensus:
         memo = self._memos.get(key.session_id)
         token_ids = key.token_ids
         if memo is None or memo.token_ids is not token_ids or memo.num_tokens != len(token_ids):
-            hashes = self.llm.block_hashes_of(token_ids, key.cache_salt)
+            hashes = self.engine.block_hashes_of(token_ids, key.cache_salt)
             memo = _Memo(token_ids, len(token_ids), hashes)
             self._memos[key.session_id] = memo
         return memo.hashes

@@ -57,7 +57,7 @@ class SessionManager:
 
     def __init__(
         self,
-        engine: AsyncEngine,
+        async_engine: AsyncEngine,
         records: SessionRecordStore | None = None,
         policy: PausePolicy | None = None,
         persist_kv: bool = True,
@@ -65,16 +65,16 @@ class SessionManager:
         budget: HistoryBudget | None = None,
         owner_keys: OwnerKeys | None = None,
     ) -> None:
-        self.engine = engine
-        self.llm = engine.engine
-        self.tokenizer = self.llm.tokenizer
+        self.async_engine = async_engine
+        self.engine = async_engine.engine
+        self.tokenizer = self.engine.tokenizer
         self.records = records or MemoryRecordStore()
         self.policy = policy or PausePolicy()
         self.persist_kv = persist_kv  # write each turn's new full blocks to the KV store
         self._sessions: dict[str, Session] = {}
         # Several instances sharing one Redis: session leases (None = single instance).
         self.ownership = ownership
-        self.budget = budget or HistoryBudget.for_context(self.llm.max_model_len)
+        self.budget = budget or HistoryBudget.for_context(self.engine.max_model_len)
         self._tokenize_pool = ThreadPoolExecutor(NUM_TOKENIZE_WORKERS, "tarry-tokenize")
         # API key -> the owner id records store (a keyed hash; legacy clear-text records load).
         self.owner_keys = owner_keys or OwnerKeys()
@@ -161,7 +161,7 @@ class SessionManager:
 
     def _forget(self, session: Session) -> None:
         """Drop a session another instance took over: its local copy and device pin."""
-        self.engine.submit(self.llm.unpin, session.session_id)
+        self.async_engine.submit(self.engine.unpin, session.session_id)
         self._sessions.pop(session.session_id, None)
 
     def _claim(self, session_id: str, migrate: bool) -> None:
@@ -285,7 +285,7 @@ class SessionManager:
         if utf8_len(text) > self.budget.max_bytes:
             raise HistoryTooLongError(f"the prompt is over {self.budget.max_bytes} bytes")
         ids = await asyncio.get_running_loop().run_in_executor(
-            self._tokenize_pool, self.llm.tokenize, text
+            self._tokenize_pool, self.engine.tokenize, text
         )
         self.budget.check_tokens(len(ids))
         return ids
@@ -337,7 +337,9 @@ class SessionManager:
         started = time.monotonic()
         ttft_s: float | None = None
         try:
-            async for out in self.engine.generate(prompt, params, request_id, session.cache_salt):
+            async for out in self.async_engine.generate(
+                prompt, params, request_id, session.cache_salt
+            ):
                 if ttft_s is None:
                     ttft_s = time.monotonic() - started
                 produced += out.new_token_ids
@@ -448,7 +450,7 @@ class SessionManager:
         """End the session: release its KV pin and delete its record."""
         self._require_idle(session)
         self._confirm_ownership(session)
-        self.engine.submit(self.llm.unpin, session.session_id)
+        self.async_engine.submit(self.engine.unpin, session.session_id)
         session.transition(SessionState.CLOSED)
         self._sessions.pop(session.session_id, None)
         self.records.delete(session.session_id)
@@ -476,9 +478,9 @@ class SessionManager:
         decision = self.policy.decide(
             len(context),
             self.policy.expected_pause_s(waiting_for_tool),
-            self.llm.kv_usage(),
+            self.engine.kv_usage(),
         )
-        self.engine.run_exclusive(
+        self.async_engine.run_exclusive(
             self._place_kv, session.session_id, context, session.cache_salt, decision
         )
         keep = decision is PauseDecision.KEEP
@@ -491,15 +493,17 @@ class SessionManager:
         """On the engine thread, between steps: write-through to the store, then pin / release
         the blocks."""
         if self.persist_kv or decision is PauseDecision.OFFLOAD:
-            self.llm.save_tokens(context, cache_salt)  # no-op without a store
+            self.engine.save_tokens(context, cache_salt)  # no-op without a store
         if decision is PauseDecision.KEEP:
-            self.llm.pin_tokens(session_id, context, cache_salt)
+            self.engine.pin_tokens(session_id, context, cache_salt)
         else:
-            self.llm.unpin(session_id)
+            self.engine.unpin(session_id)
 
     def _pin(self, session: Session, context: list[int] | None = None) -> None:
         context = session.token_ids if context is None else context
-        self.engine.submit(self.llm.pin_tokens, session.session_id, context, session.cache_salt)
+        self.async_engine.submit(
+            self.engine.pin_tokens, session.session_id, context, session.cache_salt
+        )
         session.keep_until = time.monotonic() + self.policy.keep_ttl_s
         session.transition(SessionState.PAUSED)
 
@@ -507,10 +511,10 @@ class SessionManager:
         """Move a paused session's KV off the device (to the KV store, if there is one)."""
         if session.state is SessionState.ACTIVE:
             raise SessionBusyError(f"session {session.session_id} is generating")
-        self.engine.run_exclusive(
-            self.llm.pin_tokens, session.session_id, session.token_ids, session.cache_salt
+        self.async_engine.run_exclusive(
+            self.engine.pin_tokens, session.session_id, session.token_ids, session.cache_salt
         )
-        self.engine.run_exclusive(self.llm.offload_pin, session.session_id)
+        self.async_engine.run_exclusive(self.engine.offload_pin, session.session_id)
         session.keep_until = 0.0
         session.transition(SessionState.OFFLOADED)
 
@@ -525,7 +529,7 @@ class SessionManager:
         offloaded = []
         for session in paused:
             expired = session.keep_until <= now
-            pressure = self.llm.kv_usage() >= self.policy.pressure_threshold
+            pressure = self.engine.kv_usage() >= self.policy.pressure_threshold
             if expired or pressure:
                 self.offload(session)
                 offloaded.append(session.session_id)
@@ -533,8 +537,8 @@ class SessionManager:
 
     async def kv_location(self, session: Session) -> dict[str, int]:
         """Tokens of the session's history cached on the device and, after those, in the store."""
-        on_device, in_store = await self.engine.run_exclusive_async(
-            self.llm.cached_tokens, session.token_ids, session.cache_salt
+        on_device, in_store = await self.async_engine.run_exclusive_async(
+            self.engine.cached_tokens, session.token_ids, session.cache_salt
         )
         return {"device": on_device, "store": in_store, "total": len(session.token_ids)}
 
@@ -554,7 +558,7 @@ class SessionManager:
         health = {"session_records": self.records.healthy}
         if self.ownership is not None:
             health["ownership"] = self.ownership.healthy
-        store = self.llm.kv_store
+        store = self.engine.kv_store
         tiers = getattr(store, "tiers", [store] if store is not None else [])
         for tier in tiers:
             health[type(tier).__name__] = bool(getattr(tier, "healthy", True))
@@ -562,7 +566,7 @@ class SessionManager:
 
     def _refresh_state(self, session: Session) -> None:
         """A pin the engine released under pressure turns a PAUSED session OFFLOADED."""
-        if session.state is SessionState.PAUSED and (not self.llm.is_pinned(session.session_id)):
+        if session.state is SessionState.PAUSED and (not self.engine.is_pinned(session.session_id)):
             session.transition(SessionState.OFFLOADED)
 
     def _require_idle(self, session: Session) -> None:
@@ -573,8 +577,8 @@ class SessionManager:
 
     def check_integrity(self) -> None:
         """Every engine pin belongs to a live session; engine invariants hold."""
-        self.engine.run_exclusive(self.llm.check_integrity)
-        for owner_id in self.llm.pinned_owner_ids():
+        self.async_engine.run_exclusive(self.engine.check_integrity)
+        for owner_id in self.engine.pinned_owner_ids():
             session = self._sessions.get(owner_id)
             assert session is not None, f"pin held for unknown session {owner_id}"
             assert session.state is not SessionState.CLOSED, f"closed session {owner_id} pinned"

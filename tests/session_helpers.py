@@ -25,16 +25,16 @@ PARAMS = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
 
 @dataclass
 class Stack:
-    """One 'server': engine, async runner and session manager (and its stores)."""
+    """One 'server': engine, async engine and session manager (and its stores)."""
 
     engine: LLMEngine
-    runner: AsyncEngine
+    async_engine: AsyncEngine
     manager: SessionManager
     store: KVStore | None
 
     def stop(self) -> None:
         self.manager.check_integrity()
-        self.runner.shutdown()
+        self.async_engine.shutdown()
 
 
 def build_stack(
@@ -54,11 +54,11 @@ def build_stack(
         redis_client=client if "redis" in tiers else None,
     )
     engine.attach_kv_store(store)
-    runner = AsyncEngine(engine)
-    runner.start()
+    async_engine = AsyncEngine(engine)
+    async_engine.start()
     records = RedisRecordStore(client) if client is not None else MemoryRecordStore()
-    manager = SessionManager(runner, records, policy or PausePolicy())
-    return Stack(engine, runner, manager, store)
+    manager = SessionManager(async_engine, records, policy or PausePolicy())
+    return Stack(engine, async_engine, manager, store)
 
 
 def run_turn(
@@ -96,5 +96,5 @@ def fresh_recompute(
 
 def drop_device_cache(stack: Stack, session: Session) -> None:
     """Release the session's pin and forget every cached block on the device."""
-    stack.runner.run_exclusive(stack.engine.unpin, session.session_id)
-    stack.runner.run_exclusive(stack.engine.reset_prefix_cache)
+    stack.async_engine.run_exclusive(stack.engine.unpin, session.session_id)
+    stack.async_engine.run_exclusive(stack.engine.reset_prefix_cache)

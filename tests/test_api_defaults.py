@@ -131,7 +131,7 @@ def test_penalties_and_logit_bias_change_the_output_over_http(server, client):
         model="tarry", messages=messages, max_tokens=8, logprobs=True
     )
     first = plain.choices[0].logprobs.content[0].token
-    tokenizer = server[1].runner.engine.tokenizer
+    tokenizer = server[1].async_engine.engine.tokenizer
     first_id = tokenizer.encode(first, add_special_tokens=False)[0]
     biased = client.chat.completions.create(
         model="tarry", messages=messages, max_tokens=8, logit_bias={str(first_id): -100}

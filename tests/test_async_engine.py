@@ -16,15 +16,17 @@ from tests.helpers import greedy, make_engine
 
 @pytest.fixture
 def async_engine(tiny_model_dirs):
-    runner = AsyncEngine(make_engine(tiny_model_dirs["qwen2"]))
-    runner.start()
-    yield runner
-    runner.shutdown()
+    async_engine = AsyncEngine(make_engine(tiny_model_dirs["qwen2"]))
+    async_engine.start()
+    yield async_engine
+    async_engine.shutdown()
 
 
-async def _collect(runner: AsyncEngine, prompt: list[int], params: SamplingParams) -> list[int]:
+async def _collect(
+    async_engine: AsyncEngine, prompt: list[int], params: SamplingParams
+) -> list[int]:
     tokens: list[int] = []
-    async for out in runner.generate(prompt, params):
+    async for out in async_engine.generate(prompt, params):
         tokens += out.new_token_ids
     return tokens
 

@@ -51,14 +51,14 @@ def test_graphs_match_eager_and_hf(arch, tiny_model_dirs, references):
     prompts, expected = references[arch]
     expected = [hf[:n] for hf, n in zip(expected, MAX_TOKENS, strict=True)]
     graphed = cuda_engine(tiny_model_dirs[arch])
-    decode = graphed.runner.decode
+    decode = graphed.model_runner.decode
     assert decode is not None and sorted(decode.graphs) == decode.buckets == [1, 2, 4, 8, 16]
     assert run_all_at_once(graphed, prompts, MAX_TOKENS) == expected
     assert {b for b, n in decode.num_runs_by_bucket.items() if n} == {1, 2, 4, 8}
     graphed.check_integrity()
 
     eager = cuda_engine(tiny_model_dirs[arch], enforce_eager=True)
-    assert eager.runner.decode is not None and not eager.runner.decode.graphs
+    assert eager.model_runner.decode is not None and not eager.model_runner.decode.graphs
     assert run_all_at_once(eager, prompts, MAX_TOKENS) == expected
 
 
@@ -69,8 +69,8 @@ def test_graphs_between_mixed_steps_match_hf(arch, tiny_model_dirs, references):
     engine = cuda_engine(tiny_model_dirs[arch])
     outputs = run_staggered(engine, prompts, greedy(NUM_TOKENS), arrivals=[0, 1, 1, 3, 4, 4, 6])
     assert [o.new_token_ids for o in outputs] == expected
-    assert engine.runner.decode is not None
-    assert sum(engine.runner.decode.num_runs_by_bucket.values()) > 0
+    assert engine.model_runner.decode is not None
+    assert sum(engine.model_runner.decode.num_runs_by_bucket.values()) > 0
     assert engine.kv_manager.usage() == 0.0
 
 
@@ -78,6 +78,6 @@ def test_graphs_between_mixed_steps_match_hf(arch, tiny_model_dirs, references):
 def test_compiled_graphs_match_hf(arch, tiny_model_dirs, references):
     prompts, expected = references[arch]
     engine = cuda_engine(tiny_model_dirs[arch], compile_backend="inductor")
-    assert engine.runner.decode is not None and engine.runner.decode.graphs
+    assert engine.model_runner.decode is not None and engine.model_runner.decode.graphs
     outputs = run_all_at_once(engine, prompts, MAX_TOKENS)
     assert outputs == [hf[:n] for hf, n in zip(expected, MAX_TOKENS, strict=True)]

@@ -37,7 +37,7 @@ def references(tiny_model_dirs: dict[str, Path]) -> dict[str, tuple[list[list[in
 def test_padded_decode_matches_hf_while_the_batch_shrinks(arch, tiny_model_dirs, references):
     prompts, expected = references[arch]
     engine = make_engine(tiny_model_dirs[arch], max_num_seqs=16)
-    decode = engine.runner.decode
+    decode = engine.model_runner.decode
     assert decode is not None and decode.buckets == [1, 2, 4, 8, 16]
     outputs = run_shrinking(engine, prompts)
     assert outputs == [hf[:n] for hf, n in zip(expected, MAX_TOKENS, strict=True)]
@@ -59,7 +59,7 @@ def test_compiled_modules_keep_parity(tiny_model_dirs, references):
 
 def test_only_pure_decode_steps_that_fit_take_the_padded_path(tiny_model_dirs):
     engine = make_engine(tiny_model_dirs["qwen2"], max_num_seqs=4, max_model_len=64)
-    decode = engine.runner.decode
+    decode = engine.model_runner.decode
     assert decode is not None and decode.width == 4  # 64 tokens / 16 per block
     one = SeqChunk([5], 20, [0, 1], True)
     assert decode.fits([one] * 3)
@@ -78,5 +78,5 @@ def test_smollm2_padded_decode_matches_hf(smollm2):
     expected = hf_greedy(smollm2.source_dir, prompts, NUM_TOKENS)
     outputs = run_shrinking(engine, prompts)
     assert outputs == [hf[:n] for hf, n in zip(expected, MAX_TOKENS, strict=True)]
-    assert engine.runner.decode is not None
-    assert engine.runner.decode.num_runs_by_bucket[8] > 0
+    assert engine.model_runner.decode is not None
+    assert engine.model_runner.decode.num_runs_by_bucket[8] > 0

@@ -157,9 +157,9 @@ def test_failover_to_another_instance_restores_kv_from_redis(
 def _manager(model: Any, client: Any, url: str) -> SessionManager:
     ownership = SessionOwnership(client, url, ttl_s=5.0)
     ownership.start()
-    runner = AsyncEngine(LLMEngine(model, EngineConfig(num_kv_blocks=64)))
+    async_engine = AsyncEngine(LLMEngine(model, EngineConfig(num_kv_blocks=64)))
     records = RedisRecordStore(client, instance_id=ownership.instance_id)
-    return SessionManager(runner, records, ownership=ownership)
+    return SessionManager(async_engine, records, ownership=ownership)
 
 
 def test_take_over_race_has_exactly_one_winner_and_fences_the_loser(

@@ -69,7 +69,7 @@ def test_resume_after_pause_keeps_kv_on_device(stack, tiny):
         # A tool pause keeps the context pinned: only the pin can keep its KV on the device.
         assert session.state is SessionState.PAUSED
         assert stack.engine.is_pinned(session.session_id)
-        stack.runner.run_exclusive(stack.engine.reset_prefix_cache)
+        stack.async_engine.run_exclusive(stack.engine.reset_prefix_cache)
 
     session = stack.manager.create("alice", instructions=SYSTEM)
     run_turn(stack, session, "Tell me about tea.", waiting_for_tool=True)
