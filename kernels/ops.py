@@ -48,42 +48,6 @@ def _use_triton(tensor: torch.Tensor) -> bool:
     return tensor.device.type == "cuda" and _triton_available()
 
 
-def store_kv(
-    key: torch.Tensor,
-    value: torch.Tensor,
-    key_cache: torch.Tensor,
-    value_cache: torch.Tensor,
-    slot_mapping: torch.Tensor,
-) -> None:
-    """Write K/V of the packed tokens into their slots (``-1`` = skip)."""
-    if _use_triton(key_cache):
-        from kernels import triton_attention
-
-        triton_attention.store_kv(key, value, key_cache, value_cache, slot_mapping)
-        return
-    reference.store_kv_ref(key, value, key_cache, value_cache, slot_mapping)
-
-
-def paged_attention(
-    query: torch.Tensor,
-    key_cache: torch.Tensor,
-    value_cache: torch.Tensor,
-    block_tables: torch.Tensor,
-    seq_lens: torch.Tensor,
-    query_start_loc: torch.Tensor,
-    scale: float,
-    sliding_window: int | None = None,
-    softcap: float | None = None,
-) -> torch.Tensor:
-    """Varlen paged attention; see ``reference.paged_attention_ref`` for the contract."""
-    args = (query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, scale)
-    if _use_triton(query):
-        from kernels import triton_attention
-
-        return triton_attention.paged_attention(*args, sliding_window, softcap)
-    return paged_attention_cpu(*args, sliding_window, softcap)
-
-
 def gather_blocks(kv_cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
     """Stage blocks of all layers into one contiguous tensor (one launch per swap)."""
     if _use_triton(kv_cache):
@@ -101,18 +65,6 @@ def scatter_blocks(kv_cache: torch.Tensor, block_ids: torch.Tensor, staged: torc
         triton_blocks.scatter_blocks(kv_cache, block_ids, staged)
         return
     reference.scatter_blocks_ref(kv_cache, block_ids, staged)
-
-
-def copy_blocks(
-    kv_cache: torch.Tensor, src_block_ids: torch.Tensor, dst_block_ids: torch.Tensor
-) -> None:
-    """Copy blocks inside the pool, all layers at once."""
-    if _use_triton(kv_cache):
-        from kernels import triton_blocks
-
-        triton_blocks.copy_blocks(kv_cache, src_block_ids, dst_block_ids)
-        return
-    reference.copy_blocks_ref(kv_cache, src_block_ids, dst_block_ids)
 
 
 # -- planned per-layer calls (one plan per model step) -------------------------------------------

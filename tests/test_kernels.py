@@ -328,11 +328,10 @@ class _Spy:
 def _spy_on_triton(monkeypatch: pytest.MonkeyPatch) -> dict[str, _Spy]:
     spies = {}
     for module, name in [
-        (triton_attention, "store_kv"),
-        (triton_attention, "paged_attention"),
+        (triton_attention, "launch_store_kv"),
+        (triton_attention, "run_paged_attention"),
         (triton_blocks, "gather_blocks"),
         (triton_blocks, "scatter_blocks"),
-        (triton_blocks, "copy_blocks"),
     ]:
         spies[name] = _Spy(getattr(module, name))
         monkeypatch.setattr(module, name, spies[name])
@@ -352,23 +351,29 @@ def _run_all_ops(device: torch.device) -> None:
         query_start_loc.to(device),
         scale,
     )
-    out = ops.paged_attention(*args)
-    torch.testing.assert_close(out, reference.paged_attention_ref(*args), atol=2e-5, rtol=1e-5)
-
-    key_cache, value_cache = key_cache.to(device), value_cache.to(device)
-    key = torch.randn(2, 2, 64, device=device)
-    slots = torch.tensor([3, -1], device=device)
-    ops.store_kv(key, key, key_cache, value_cache, slots)
+    query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, _ = args
+    key = torch.randn(4, 2, 64, device=device)
+    slots = torch.tensor([3, -1, 40, 41], device=device)
+    plan = ops.plan_attention(4, key_cache, slots, block_tables, seq_lens, query_start_loc)
+    expected_cache = key_cache.clone()
+    ops.store_kv_planned(key, key, key_cache, value_cache, plan)
     assert torch.equal(key_cache.view(-1, 2, 64)[3], key[0])
+    assert torch.equal(key_cache.view(-1, 2, 64)[40], key[2])
+    expected_cache.view(-1, 2, 64)[[3, 40, 41]] = key[[0, 2, 3]]
+    # slot -1 skipped, nothing else written (unused slots hold NaN)
+    torch.testing.assert_close(key_cache, expected_cache, rtol=0, atol=0, equal_nan=True)
+    out = ops.paged_attention_planned(query, key_cache, value_cache, plan, scale)
+    expected = reference.paged_attention_ref(
+        query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, scale
+    )
+    torch.testing.assert_close(out, expected, atol=2e-5, rtol=1e-5)
 
     kv_cache = _pool(POOL_SHAPES[0], torch.float32, seed=13).to(device)
     ids = torch.tensor([1, 3], device=device)
     staged = ops.gather_blocks(kv_cache, ids)
     assert torch.equal(staged, reference.gather_blocks_ref(kv_cache, ids))
     ops.scatter_blocks(kv_cache, torch.tensor([5, 6], device=device), staged)
-    ops.copy_blocks(kv_cache, torch.tensor([0], device=device), torch.tensor([7], device=device))
     assert torch.equal(kv_cache[:, :, 5:7], staged)
-    assert torch.equal(kv_cache[:, :, 7], kv_cache[:, :, 0])
 
 
 def test_ops_falls_back_to_torch_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
