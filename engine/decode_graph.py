@@ -49,6 +49,7 @@ from engine.decode_inputs import (
 )
 from engine.step_inputs import SeqChunk
 from kernels import ops
+from kernels.units import cdiv
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +98,7 @@ class DecodeRunner:
         self.device = layer_caches[0][0].device
         self.buckets = decode_buckets(options.max_num_seqs)
         self.max_num_seqs = self.buckets[-1]
-        self.width = -(-options.max_model_len // block_size)  # max_blocks_per_seq
+        self.width = cdiv(options.max_model_len, block_size)  # max_blocks_per_seq
         on_cuda = self.device.type == "cuda"
         longs_host = torch.zeros((3, self.max_num_seqs), dtype=torch.int64, pin_memory=on_cuda)
         ints_host = torch.zeros(

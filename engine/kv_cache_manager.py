@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable, Sequence
 from engine.block_hash import hash_full_blocks
 from engine.block_pool import BlockHash, BlockPool, KVBlock
 from engine.request import Request
-from engine.units import cdiv
+from kernels.units import cdiv
 
 
 class KVCacheManager:

@@ -27,6 +27,8 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from kernels.units import cdiv
+
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "paged_rows.c"
@@ -168,9 +170,9 @@ def plan_native_rows(
     """Cut every row's keys into items of whole blocks, about ``ITEMS_PER_THREAD`` items per
     thread over the batch (split-K for few long rows, one item per row for many)."""
     total_keys = int(row_kv_len.sum())
-    item_keys = max(MIN_ITEM_KEYS, -(-total_keys // (ITEMS_PER_THREAD * num_threads)))
-    item_keys = -(-item_keys // block_size) * block_size
-    items_per_row = -(-row_kv_len // item_keys)
+    item_keys = max(MIN_ITEM_KEYS, cdiv(total_keys, ITEMS_PER_THREAD * num_threads))
+    item_keys = cdiv(item_keys, block_size) * block_size
+    items_per_row = -(-row_kv_len // item_keys)  # elementwise ceiling division (numpy)
     row_first_item = np.zeros(row_kv_len.shape[0] + 1, np.int64)
     np.cumsum(items_per_row, out=row_first_item[1:])
     item_row = np.repeat(np.arange(row_kv_len.shape[0]), items_per_row)

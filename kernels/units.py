@@ -1,4 +1,4 @@
-"""Small arithmetic shared by the engine's bookkeeping."""
+"""Small integer arithmetic shared by the kernels and the engine's bookkeeping."""
 
 from __future__ import annotations
 
