@@ -105,6 +105,7 @@ class LLMEngine:
             self.config.max_num_seqs,
             reclaim=self.offload.reclaim,
             on_preempt=self.offload.swap_out,
+            restore=self.offload.restore_prefix,
         )
         self.num_open_ended_requests = 0  # admitted without max_tokens, since start
         model_max = getattr(loaded.config, "max_position_embeddings", None) or 1 << 30
@@ -218,11 +219,7 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Run one scheduler step and return an output for every request that sampled."""
-        free_slots = max(0, self.config.max_num_seqs - len(self.scheduler.running))
-        restoring = list(self.scheduler.waiting)[:free_slots]
-        restored = self.offload.restore_waiting_prefixes(restoring)
-        schedule = self.scheduler.schedule()
-        self.offload.release(restored)
+        schedule = self.scheduler.schedule()  # restores each admitted request's prefix first
         self.offload.write_back_evicted()  # before the forward pass overwrites them
         if not schedule.scheduled:
             return []

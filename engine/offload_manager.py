@@ -10,7 +10,7 @@ Life of a context kept for a session (``owner_id``)::
     pin_tokens --> pinned (blocks referenced, cannot be evicted)
         --unpin--> cached (ref 0, evictable)             the next request may still hit them
         --offload_pin / reclaim--> saved to the store, then unpinned
-    store --restore_waiting_prefixes--> cached device blocks, found as ordinary prefix hits
+    store --restore_prefix (at admission)--> cached device blocks, found as prefix hits
 
 Every full block that leaves the device is written to the store once per content hash, so
 the store serves every request, not only sessions: pins are saved when offloaded or
@@ -27,7 +27,6 @@ only caller.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -174,20 +173,17 @@ class OffloadManager:
         in_store = store.lookup(hashes[on_device:]) if store is not None else 0
         return on_device * self.block_size, in_store * self.block_size
 
-    def restore_waiting_prefixes(self, requests: Iterable[Request]) -> list[KVBlock]:
-        """Load the store-held prefix blocks of ``requests`` (about to be admitted) into the
-        pool. The loaded blocks are cached and held until the caller passes the returned list
-        to ``release`` (right after scheduling), so admission finds them as prefix hits."""
+    def restore_prefix(self, request: Request, max_new_tokens: int) -> list[KVBlock]:
+        """Load the blocks of ``request``'s prefix that the store holds and the device lacks
+        (the scheduler calls this right before admitting it, so blocks are only restored for a
+        request about to use them). They come back cached and held, one reference each, until
+        the caller passes them to ``KVCacheManager.release``; [] without a store or a hit, or
+        when the load fails (the prefix is then recomputed), and when the pool has no room for
+        the restored blocks plus the request's first ``max_new_tokens`` new tokens (it could
+        not be admitted; it tries again at its next admission)."""
         if self.store is None:
             return []
-        held: list[KVBlock] = []
-        for request in requests:
-            held += self._restore_prefix(request)
-        return held
-
-    def release(self, blocks: list[KVBlock]) -> None:
-        """Drop the references ``restore_waiting_prefixes`` took."""
-        self.kv_manager.release(blocks)
+        return self._restore_prefix(request, max_new_tokens)
 
     def _note_eviction(self, block: KVBlock) -> None:
         if self.store is not None and block.block_hash is not None and block.token_ids:
@@ -213,17 +209,23 @@ class OffloadManager:
         self.transfers.submit(store.save, hashes, [list(t) for _, _, t in missing], staged)
         self.num_saved_tokens += len(missing) * self.block_size
 
-    def _restore_prefix(self, request: Request) -> list[KVBlock]:
+    def _restore_prefix(self, request: Request, max_new_tokens: int) -> list[KVBlock]:
         store = self.readable_store()
         assert store is not None
         max_blocks = (request.num_tokens - 1) // self.block_size
         hashes = self.kv_manager.block_hashes(request)[:max_blocks]
         start = len(self.kv_manager.cached_prefix(request.all_token_ids, hashes))
         num_blocks = store.lookup(hashes[start:])
-        if num_blocks > self.kv_manager.num_free_blocks:
-            self.reclaim(num_blocks)  # paused contexts make room for a resuming one
-        num_blocks = min(num_blocks, self.kv_manager.num_free_blocks)
         if num_blocks == 0:
+            return []
+        # Room for the restored blocks and the first chunk after them, or nothing: blocks
+        # restored for a request that then cannot be admitted would be evicted again before
+        # its next try, and restored again, step after step.
+        num_new = min(request.num_tokens - (start + num_blocks) * self.block_size, max_new_tokens)
+        needed = num_blocks + self.kv_manager.num_blocks_for(max(1, num_new))
+        if needed > self.kv_manager.num_free_blocks:
+            self.reclaim(needed)  # paused contexts make room for a resuming one
+        if needed > self.kv_manager.num_free_blocks:
             return []
         wanted = hashes[start : start + num_blocks]
         tokens = [

@@ -48,10 +48,15 @@ class Scheduler:
         max_num_seqs: int,
         reclaim: Callable[[int], bool] | None = None,
         on_preempt: Callable[[Request], None] | None = None,
+        restore: Callable[[Request, int], list[KVBlock]] | None = None,
     ) -> None:
         """``reclaim(num_blocks)`` is asked to free pinned blocks before any running request is
         preempted (returns True if it freed something); ``on_preempt(request)`` runs before a
-        preempted request's blocks are freed (e.g. to swap them to host memory)."""
+        preempted request's blocks are freed (e.g. to swap them to host memory);
+        ``restore(request, budget)`` runs right before a waiting request is admitted (with
+        this step's remaining token budget), to bring blocks of its prefix back from a lower
+        tier: it returns them cached and held (one reference each), and the scheduler releases
+        them once admission took its own references."""
         if max_num_batched_tokens <= 0 or max_num_seqs <= 0:
             raise ValueError("max_num_batched_tokens and max_num_seqs must be positive")
         self.kv_manager = kv_manager
@@ -59,6 +64,7 @@ class Scheduler:
         self.max_num_seqs = max_num_seqs
         self.reclaim = reclaim
         self.on_preempt = on_preempt
+        self.restore = restore
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
@@ -112,12 +118,12 @@ class Scheduler:
     def _admit_waiting(self, budget: int, scheduled: list[ScheduledRequest]) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             request = self.waiting[0]
-            computed_blocks, num_cached = self.kv_manager.get_computed_blocks(request)
-            num_new = min(request.num_tokens - num_cached, budget)
-            while not self.kv_manager.allocate_slots(request, num_new, computed_blocks):
-                needed = self.kv_manager.num_blocks_for(num_cached + num_new)
-                if self.reclaim is None or not self.reclaim(needed - len(computed_blocks)):
-                    return
+            restored = self.restore(request, budget) if self.restore is not None else []
+            admitted = self._try_allocate(request, budget)
+            self.kv_manager.release(restored)  # admission holds its own references now
+            if admitted is None:
+                return
+            num_cached, num_new = admitted
             self.waiting.popleft()
             request.num_computed_tokens = num_cached
             if request.num_cached_tokens < 0:
@@ -126,6 +132,17 @@ class Scheduler:
             self.running.append(request)
             scheduled.append(ScheduledRequest(request, num_new))
             budget -= num_new
+
+    def _try_allocate(self, request: Request, budget: int) -> tuple[int, int] | None:
+        """Allocate a waiting request's blocks after its cached prefix; (cached tokens, new
+        tokens this step), or None when the pool cannot make room."""
+        computed_blocks, num_cached = self.kv_manager.get_computed_blocks(request)
+        num_new = min(request.num_tokens - num_cached, budget)
+        while not self.kv_manager.allocate_slots(request, num_new, computed_blocks):
+            needed = self.kv_manager.num_blocks_for(num_cached + num_new)
+            if self.reclaim is None or not self.reclaim(needed - len(computed_blocks)):
+                return None
+        return num_cached, num_new
 
     def _preempt(self, request: Request) -> None:
         if self.on_preempt is not None:

@@ -139,6 +139,7 @@ def test_fork_shares_blocks_and_children_diverge(stack, tiny):
     run_turn(stack, parent, "Tell me about tea.", waiting_for_tool=True)
     assert parent.state is SessionState.PAUSED
     child = stack.manager.fork(parent)
+    stack.async_engine.run_exclusive(lambda: None)  # the child's pin command has run
     pins = {owner_id: pin.blocks for owner_id, pin in stack.engine.offload.pins.items()}
     shared = {b.block_id for b in pins[parent.session_id]} & {
         b.block_id for b in pins[child.session_id]

@@ -145,3 +145,24 @@ def test_transfer_worker_order_errors_and_wait_idle():
     gate.set()
     worker.wait_idle()
     assert done == [1, 2] and worker.num_pending == 0
+
+
+def test_prefixes_are_restored_only_for_requests_being_admitted(tiny, prompts):
+    """Waiting requests do not restore (and lose again) their prefixes every step: each
+    request restores at most its own prompt, once, when the scheduler admits it."""
+    first, evictor, second_evictor = prompts
+    engine = make_engine(tiny, num_kv_blocks=NUM_BLOCKS, max_num_batched_tokens=32)
+    engine.attach_kv_store(HostKVStore(capacity_bytes=64 << 20))
+    for idx, prompt in enumerate((first, evictor, second_evictor)):
+        run_one(engine, prompt, f"warm{idx}")  # every prompt's blocks are now in the store
+    for idx, prompt in enumerate((first, evictor, second_evictor)):
+        engine.add_request(f"again{idx}", prompt, greedy(2))
+    restored: dict[str, int] = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            restored[out.request_id] = out.num_restored_tokens
+    # a preempted request is restored again when it is readmitted, and only then
+    num_admissions = 1 + engine.scheduler.num_preemptions
+    for idx, prompt in enumerate((first, evictor, second_evictor)):
+        assert 0 < restored[f"again{idx}"] <= len(prompt) * num_admissions
+    engine.check_integrity()
