@@ -6,7 +6,7 @@
 # Prints nvidia-smi, runs the kernel tests and the greedy parity tests on the GPU (engine with
 # the Triton path and CUDA graphs vs transformers generate() and vs the engine without graphs,
 # tiny models of every architecture; tests/test_parity.py, test_decode_graph.py,
-# test_cuda_graphs.py), then the engine decode benchmark, which prints issue 16's three
+# bench/gpu_tests/test_cuda_graphs.py), then the engine decode benchmark, which prints issue 16's three
 # figures: batch-1 decode vs HF static-cache generate(), batch-32 decode vs HF batch 1, and the
 # per-step host time at batch 32. Everything is teed into "${OUT:-/tmp}/gpu_check.log". Each
 # step has its own time limit (worst case under 10 minutes in all); a failing step is reported
@@ -83,7 +83,7 @@ main() {
     # SmolLM2's own parity test needs its weights, which the GPU machine does not get.
     step "parity tests (CUDA graphs, eager, HF)" 240 env TARRY_TEST_DEVICE=cuda "$PYTHON" -m \
         pytest -q -rs -p no:cacheprovider "${parallel[@]}" -k "not smollm2" \
-        tests/test_parity.py tests/test_decode_graph.py tests/test_cuda_graphs.py
+        tests/test_parity.py tests/test_decode_graph.py bench/gpu_tests/test_cuda_graphs.py
     if [ "${GPU_CHECK_KERNEL_BENCH:-0}" = 1 ]; then
         step "kernel bench" 60 "$PYTHON" bench/kernel_bench.py
     fi

@@ -1,7 +1,8 @@
 """CUDA graphs of padded decode steps (``engine.decode_graph``): one graph per bucket, replayed
 for every pure-decode step, token-identical to the same engine without graphs and to Hugging
-Face ``generate()`` on the GPU; with torch.compile (inductor) too. CUDA only:
-``bench/gpu_check.sh`` runs these on a GPU machine."""
+Face ``generate()`` on the GPU; with torch.compile (inductor) too. CUDA only, so
+they live outside the CPU suite: ``bench/gpu_check.sh`` runs them on a GPU machine (the
+tiny-model fixtures are imported from ``tests.conftest``)."""
 
 from __future__ import annotations
 
@@ -13,13 +14,15 @@ import torch
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.model_loader import load_model
-from tests.conftest import TINY_ARCHITECTURES
+from tests.conftest import (  # noqa: F401  (fixtures used by name)
+    TINY_ARCHITECTURES,
+    tiny_model_dirs,
+    tiny_tokenizer,
+)
 from tests.helpers import greedy, hf_greedy, mixed_prompts, run_all_at_once, run_staggered
 
-pytestmark = pytest.mark.skipif(
-    not torch.cuda.is_available(),
-    reason="CUDA graphs need a CUDA device (torch.cuda.is_available() is False)",
-)
+if not torch.cuda.is_available():  # not part of the CPU suite (tests/): never silently skipped
+    raise RuntimeError("these CUDA graph tests need a CUDA device; run bench/gpu_check.sh on one")
 
 NUM_TOKENS = 12
 MAX_TOKENS = [12, 5, 9, 3, 11, 7, 10]  # the batch shrinks through 7, 6, ..., 1 (buckets 8..1)
