@@ -2,7 +2,7 @@
 for every pure-decode step, token-identical to the same engine without graphs and to Hugging
 Face ``generate()`` on the GPU; with torch.compile (inductor) too. CUDA only, so
 they live outside the CPU suite: ``bench/gpu_check.sh`` runs them on a GPU machine (the
-tiny-model fixtures are imported from ``tests.conftest``)."""
+tiny-model fixtures come from ``tests.conftest`` through this folder's conftest)."""
 
 from __future__ import annotations
 
@@ -14,11 +14,7 @@ import torch
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.model_loader import load_model
-from tests.conftest import (  # noqa: F401  (fixtures used by name)
-    TINY_ARCHITECTURES,
-    tiny_model_dirs,
-    tiny_tokenizer,
-)
+from tests.conftest import TINY_ARCHITECTURES
 from tests.helpers import greedy, hf_greedy, mixed_prompts, run_all_at_once, run_staggered
 
 if not torch.cuda.is_available():  # not part of the CPU suite (tests/): never silently skipped
