@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 
@@ -207,8 +208,9 @@ def test_bad_input_gets_typed_errors_and_state_survives(server):
         codes = [e["error"]["code"] for e in events if e["type"] == "error"]
         assert codes == ["conversation_already_has_active_response"]
         ws.recv()  # session.state
-        for _ in range(300):  # a burst far over the 50 events per second allowed
-            ws.send({"type": "no.such.event"})
+        with contextlib.suppress(Exception):  # the server may close (4008) mid-burst
+            for _ in range(300):  # a burst far over the events per second allowed
+                ws.send({"type": "no.such.event"})
         codes = set()
         try:
             for _ in range(300):
