@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import NoReturn
 
+from api.tool_pool import DEFAULT_TOOL_WORKERS, DEFAULT_TOOL_WORKERS_PER_KEY
 from engine.async_engine import AsyncEngine
 from engine.config import EngineConfig
 from engine.errors import InvalidRequestError, ModelLoadError
@@ -134,6 +135,18 @@ def add_openai_serving_args(serve: argparse.ArgumentParser) -> None:
         default=None,
         choices=TOOL_CALL_FORMATS,
         help="format model tool calls are parsed in (default: chosen from the chat template)",
+    )
+    serve.add_argument(
+        "--tool-workers",
+        type=int,
+        default=DEFAULT_TOOL_WORKERS,
+        help="threads running python tool calls (their own pool, not the turn-end threads)",
+    )
+    serve.add_argument(
+        "--tool-workers-per-key",
+        type=int,
+        default=DEFAULT_TOOL_WORKERS_PER_KEY,
+        help="most tool workers one API key holds at a time; its further calls queue",
     )
     serve.add_argument("--log-level", default="info", choices=LOG_LEVELS)
 
@@ -312,6 +325,8 @@ def _serve(args: argparse.Namespace) -> int:
         generation_config=args.generation_config,
         override_generation_config=override,
         tool_call_parser=args.tool_call_parser,
+        tool_workers=args.tool_workers,
+        tool_workers_per_key=args.tool_workers_per_key,
     )
     state = build_state(engine, options)
     print(

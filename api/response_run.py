@@ -115,7 +115,7 @@ class ResponseRun:
                 return
             for call in calls:
                 output = await self.state.tools.run_python(
-                    self.session.session_id, call.arguments_json
+                    self.session.session_id, call.arguments_json, owner=self.session.owner
                 )
                 await self.send(
                     {

@@ -13,6 +13,7 @@ from api.app import build_app
 from api.http_protocol import uvicorn_limits
 from api.net import is_loopback
 from api.state import Limits, ServerState
+from api.tool_pool import DEFAULT_TOOL_WORKERS, DEFAULT_TOOL_WORKERS_PER_KEY
 from api.tool_runtime import ToolRuntime
 from engine.async_engine import AsyncEngine
 from engine.generation_config import sampling_defaults
@@ -47,6 +48,8 @@ class ServeOptions:
     generation_config: str = "auto"  # auto | vllm | none | a directory (engine.generation_config)
     override_generation_config: dict[str, Any] = field(default_factory=dict)
     tool_call_parser: ToolCallFormat | None = None  # None: chosen from the chat template
+    tool_workers: int = DEFAULT_TOOL_WORKERS  # threads for python tool calls
+    tool_workers_per_key: int = DEFAULT_TOOL_WORKERS_PER_KEY  # most of them one key holds
 
 
 def build_state(engine: LLMEngine, options: ServeOptions) -> ServerState:
@@ -82,6 +85,8 @@ def build_state(engine: LLMEngine, options: ServeOptions) -> ServerState:
         engine.vocab_size,
         sorted(engine.eos_token_ids),
         tool_call_parser=options.tool_call_parser,
+        tool_workers=options.tool_workers,
+        tool_workers_per_key=options.tool_workers_per_key,
     )
     served = options.served_model_names or (loaded.name,)
     return ServerState(

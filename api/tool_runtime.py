@@ -6,21 +6,28 @@ the Responses format (``{"type": "function", "name": ..., "parameters": ...}``) 
 ``{"type": "python"}``, which enables the server-side Python interpreter under the function
 name ``python``. Calls to ``python`` run on the server; every other call goes back to the
 client.
+
+``python`` calls (and starting a session's sandbox) run on the tool pool (``api/tool_pool.py``):
+``tool_workers`` threads of its own, at most ``tool_workers_per_key`` per API key, so a tenant
+flooding long computations delays only its own calls, and turn ends (asyncio's default
+executor) never wait behind a computation. Sandboxes are closed on a cleanup thread of their
+own, never on the event loop.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import tempfile
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from api.errors import APIError
+from api.tool_pool import DEFAULT_TOOL_WORKERS, DEFAULT_TOOL_WORKERS_PER_KEY, KeyFairPool
 from tools.render import ToolSchemaError, tool_call_format, validate_tools
-from tools.sandbox import PythonSandbox, SandboxResult
+from tools.sandbox import PythonSandbox, SandboxLimits, SandboxResult
 from tools.streaming_parser import StreamingToolParser
 from tools.tool_call import ToolCallFormat
 
@@ -119,16 +126,34 @@ def python_result_text(result: SandboxResult) -> str:
 @dataclass
 class ToolRuntime:
     """Per-server tool machinery. The constrainer is built on first use (its tokenizer
-    preprocessing takes a moment) and only ever used from the event loop thread."""
+    preprocessing takes a moment) and only ever used from the event loop thread.
+
+    ``sandbox_factory(session_id)`` makes a session's sandbox (on a tool worker); None: a
+    ``PythonSandbox`` under ``sandbox_root`` with ``sandbox_limits``.
+    """
 
     tokenizer: Any
     vocab_size: int
     stop_token_ids: list[int]
     sandbox_root: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="tarry-py-")))
-    sandbox_factory: Callable[[Path], PythonSandbox] = PythonSandbox
+    sandbox_limits: SandboxLimits = field(default_factory=SandboxLimits)
+    sandbox_factory: Callable[[str], PythonSandbox] | None = None
     tool_call_parser: ToolCallFormat | None = None  # --tool-call-parser; None: from the template
+    tool_workers: int = DEFAULT_TOOL_WORKERS  # --tool-workers
+    tool_workers_per_key: int = DEFAULT_TOOL_WORKERS_PER_KEY  # --tool-workers-per-key
     _constrainer: Any = None
     _sandboxes: dict[str, PythonSandbox] = field(default_factory=dict)
+    _pool: KeyFairPool | None = None
+    _cleanup: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(1, "tarry-sandbox-cleanup")
+    )
+
+    @property
+    def pool(self) -> KeyFairPool:
+        """The tool pool (made on first use, so a runtime built off the loop costs nothing)."""
+        if self._pool is None:
+            self._pool = KeyFairPool(self.tool_workers, self.tool_workers_per_key)
+        return self._pool
 
     @property
     def call_format(self) -> ToolCallFormat:
@@ -165,8 +190,9 @@ class ToolRuntime:
             raise APIError(str(exc), param="tool_choice") from exc
         return [processor] if processor is not None else []
 
-    async def run_python(self, session_id: str, arguments_json: str) -> str:
-        """Run a ``python`` call's code in the session's sandbox; the output text."""
+    async def run_python(self, session_id: str, arguments_json: str, owner: str = "") -> str:
+        """Run a ``python`` call's code in the session's sandbox (made on first use) on the
+        tool pool, as ``owner``'s (the API key's) call; the output text."""
         try:
             code = json.loads(arguments_json).get("code")
         except (ValueError, AttributeError):
@@ -175,16 +201,33 @@ class ToolRuntime:
             return "error: the python tool needs a string argument 'code'"
         sandbox = self._sandboxes.get(session_id)
         if sandbox is None or sandbox.closed:
-            sandbox = self.sandbox_factory(self.sandbox_root)
+            sandbox = await self.pool.run(owner, self._new_sandbox, session_id)
+            previous = self._sandboxes.get(session_id)
+            if previous is not None and not previous.closed:  # made meanwhile by another call
+                self._cleanup.submit(sandbox.close)
+                sandbox = previous
             self._sandboxes[session_id] = sandbox
-        result = await asyncio.to_thread(sandbox.run, code)
+        result = await self.pool.run(owner, sandbox.run, code)
         return python_result_text(result)
 
+    def _new_sandbox(self, session_id: str) -> PythonSandbox:
+        if self.sandbox_factory is not None:
+            return self.sandbox_factory(session_id)
+        return PythonSandbox(self.sandbox_root, self.sandbox_limits)
+
     def close_sandbox(self, session_id: str) -> None:
+        """Close a session's sandbox on the cleanup thread (the event loop never waits)."""
         sandbox = self._sandboxes.pop(session_id, None)
         if sandbox is not None:
-            sandbox.close()
+            try:
+                self._cleanup.submit(sandbox.close)
+            except RuntimeError:  # shut down already: the server is stopping
+                sandbox.close()
 
     def close(self) -> None:
+        """Server shutdown: close every sandbox now and stop the threads."""
+        if self._pool is not None:
+            self._pool.close()
+        self._cleanup.shutdown(wait=True)
         for session_id in list(self._sandboxes):
-            self.close_sandbox(session_id)
+            self._sandboxes.pop(session_id).close()
