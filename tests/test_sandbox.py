@@ -9,6 +9,7 @@ fail, since the fallback mode really does not contain a fork bomb or filesystem 
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -72,12 +73,15 @@ def test_exception_reports_type_message_and_traceback(sandbox: PythonSandbox) ->
     assert sandbox.run("1 + 1").value == "2"  # the interpreter is unharmed
 
 
-def test_busy_loop_hits_cpu_limit_and_interpreter_survives(sandbox: PythonSandbox) -> None:
-    sandbox.run("survivor = 'still here'")
-    result = sandbox.run("while True:\n    pass")
-    assert result.outcome == "error" and result.error is not None
-    assert result.error.type == "CpuTimeLimitExceeded"
-    assert sandbox.run("survivor").value == "'still here'"
+def test_busy_loop_hits_cpu_limit_and_interpreter_survives(workdir_root: Path) -> None:
+    # Wall time well above the CPU budget: on a loaded machine 1 CPU-s takes several seconds.
+    limits = dataclasses.replace(TIGHT_LIMITS, wall_time_s=20.0)
+    with PythonSandbox(workdir_root, limits) as sandbox:
+        sandbox.run("survivor = 'still here'")
+        result = sandbox.run("while True:\n    pass")
+        assert result.outcome == "error" and result.error is not None
+        assert result.error.type == "CpuTimeLimitExceeded"
+        assert sandbox.run("survivor").value == "'still here'"
 
 
 def test_wall_time_limit_kills_and_next_call_is_fresh(fresh_sandbox: PythonSandbox) -> None:

@@ -4,13 +4,16 @@ Standard library only (it runs with ``-I``, so nothing from the project is impor
 parent (``tools/sandbox.py``) starts it, usually inside fresh mount, network and PID
 namespaces (``unshare --mount-proc -n -p -f``) and as root; the setup below then, in order:
 
+0. joins the sandbox's cgroups (``cgroup_procs``: write 0 to each ``cgroup.procs``) and
+   becomes a child subreaper (orphans of its processes come back to it);
 1. (mount namespace) makes mounts private, exposes the Python installation and the working
    directory when they sit under a directory an unprivileged user cannot traverse (a tmpfs
    hides the rest of that directory), binds the working directory onto itself and remounts
    every other mount read-only;
 2. sets the resource limits (address space, processes, file size, total CPU, no core files);
 3. drops to the sandbox's own uid/gid with no supplementary groups and ``no_new_privs``;
-4. blocks ``socket.socket`` when no network namespace isolates it.
+4. installs a seccomp filter that denies creating user namespaces (``deny_user_namespaces``);
+5. blocks ``socket.socket`` when no network namespace isolates it.
 
 Wire protocol (both directions): a 4-byte big-endian length, then that many bytes of UTF-8
 JSON. The child first sends a hello (``{"ready": true, ...}`` or ``{"ready": false, "error":
@@ -23,12 +26,16 @@ to those fds but stop after ``output_chars`` characters (the rest is only counte
 printing 100 MB never writes 100 MB; raw fd writes are bounded by the file-size limit.
 
 Every process the code forks is killed when its call ends (processes do not outlive a call).
+A call that leaves threads running (they could burn CPU or fork after the call) ends the
+interpreter: its reply carries ``ended`` (why), then the process exits and the parent kills
+whatever is left of the sandbox.
 """
 
 from __future__ import annotations
 
 import ast
 import builtins
+import contextlib
 import ctypes
 import io
 import json
@@ -39,6 +46,7 @@ import signal
 import struct
 import sys
 import tempfile
+import time
 import traceback
 from typing import Any
 
@@ -57,6 +65,7 @@ MS_REC = 16384
 MS_PRIVATE = 1 << 18
 MS_RELATIME = 1 << 21
 PR_SET_PDEATHSIG = 1
+PR_SET_CHILD_SUBREAPER = 36
 PR_SET_NO_NEW_PRIVS = 38
 MOUNT_OPTION_FLAGS = {
     "nosuid": MS_NOSUID,
@@ -287,6 +296,72 @@ def drop_privileges(uid: int) -> None:
     libc_call("prctl", PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
+# seccomp: classic BPF over struct seccomp_data {int nr; u32 arch; u64 ip; u64 args[6]}.
+PR_SET_SECCOMP = 22
+SECCOMP_MODE_FILTER = 2
+SECCOMP_RET_ALLOW = 0x7FFF0000
+SECCOMP_RET_ERRNO = 0x00050000
+CLONE_NEWUSER = 0x10000000
+BPF_LD_W_ABS, BPF_JEQ, BPF_JGE, BPF_JSET, BPF_RET = 0x20, 0x15, 0x35, 0x45, 0x06
+X32_SYSCALL_BIT = 0x40000000
+# machine -> (AUDIT_ARCH, clone, unshare, clone3)
+SYSCALLS = {
+    "x86_64": (0xC000003E, 56, 272, 435),
+    "aarch64": (0xC00000B7, 220, 97, 435),
+}
+
+
+class SockFilter(ctypes.Structure):
+    _fields_ = [
+        ("code", ctypes.c_ushort),
+        ("jt", ctypes.c_ubyte),
+        ("jf", ctypes.c_ubyte),
+        ("k", ctypes.c_uint),
+    ]
+
+
+class SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(SockFilter))]
+
+
+def user_namespace_filter(machine: str) -> list[tuple[int, int, int, int]] | None:
+    """BPF (code, jt, jf, k): ``unshare``/``clone`` with CLONE_NEWUSER get EPERM, ``clone3``
+    (flags out of reach in memory) gets ENOSYS so libc falls back to ``clone``; another ABI
+    (x32, i386) gets EPERM for everything. None on an architecture not listed."""
+    if machine not in SYSCALLS:
+        return None
+    arch, clone, unshare, clone3 = SYSCALLS[machine]
+    eperm, enosys = SECCOMP_RET_ERRNO | 1, SECCOMP_RET_ERRNO | 38
+    return [
+        (BPF_LD_W_ABS, 0, 0, 4),  # 0: arch
+        (BPF_JEQ, 0, 9, arch),  # 1: another ABI -> 11
+        (BPF_LD_W_ABS, 0, 0, 0),  # 2: syscall number
+        (BPF_JGE, 7, 0, X32_SYSCALL_BIT),  # 3: x32 -> 11
+        (BPF_JEQ, 7, 0, clone3),  # 4: -> 12
+        (BPF_JEQ, 2, 0, unshare),  # 5: -> 8
+        (BPF_JEQ, 1, 0, clone),  # 6: -> 8
+        (BPF_RET, 0, 0, SECCOMP_RET_ALLOW),  # 7
+        (BPF_LD_W_ABS, 0, 0, 16),  # 8: low half of args[0] (the flags)
+        (BPF_JSET, 1, 0, CLONE_NEWUSER),  # 9: -> 11
+        (BPF_RET, 0, 0, SECCOMP_RET_ALLOW),  # 10
+        (BPF_RET, 0, 0, eperm),  # 11
+        (BPF_RET, 0, 0, enosys),  # 12
+    ]
+
+
+def deny_user_namespaces() -> bool:
+    """Install the filter (needs ``no_new_privs`` or root); False where it is not available."""
+    import platform
+
+    program = user_namespace_filter(platform.machine())
+    if program is None:
+        return False
+    filters = (SockFilter * len(program))(*[SockFilter(*insn) for insn in program])
+    fprog = SockFprog(len(program), filters)
+    libc_call("prctl", PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(fprog), 0, 0)
+    return True
+
+
 def block_sockets() -> None:
     """Fallback without a network namespace: creating a socket raises PermissionError.
 
@@ -307,15 +382,27 @@ def set_up(config: dict[str, Any]) -> dict[str, Any]:
     """Isolate this process as configured; returns the hello's details. Raises on failure."""
     workdir = config["workdir"]
     warnings: list[str] = []
+    for procs_file in config.get("cgroup_procs", []):
+        with open(procs_file, "w") as procs:
+            procs.write("0")
+    libc_call("prctl", PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     if config["isolate_filesystem"]:
         warnings = isolate_filesystem(workdir)
     os.chdir(workdir)
     apply_limits(config)
     if config["uid"] is not None:
         drop_privileges(config["uid"])
+    libc_call("prctl", PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+    userns_denied = deny_user_namespaces()
     if config["block_sockets"]:
         block_sockets()
-    return {"ready": True, "pid": os.getpid(), "uid": os.getuid(), "mount_warnings": warnings}
+    return {
+        "ready": True,
+        "pid": os.getpid(),
+        "uid": os.getuid(),
+        "mount_warnings": warnings,
+        "user_namespaces_denied": userns_denied,
+    }
 
 
 # ---------------------------------------------------------------- running code
@@ -386,16 +473,50 @@ def kill_other_processes(may_kill_all: bool) -> None:
 
     ``kill(-1)`` reaches every process this uid may signal: inside our own PID namespace
     (we are its init) or under a uid of our own that is exactly the sandbox's processes.
-    Without either it would reach the user's other processes, so only children are reaped.
+    Without either it would reach the user's other processes, so children are killed round
+    by round instead: as a child subreaper we inherit the orphans of each round.
     """
-    if may_kill_all:
-        for _ in range(1000):
+    for _ in range(1000):
+        if may_kill_all:
             try:
                 os.kill(-1, signal.SIGKILL)
             except ProcessLookupError:
                 break
-            reap_children(block=True)
+        else:
+            children = child_pids()
+            if not children:
+                break
+            for pid in children:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        reap_children(block=True)
     reap_children(block=False)
+
+
+def child_pids() -> list[int]:
+    """Pids of this process's children (its own threads excluded), from /proc."""
+    me, found = os.getpid(), []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == me and int(entry) != me:
+            found.append(int(entry))
+    return found
+
+
+def num_other_threads(grace_s: float = 0.05) -> int:
+    """Threads of this process besides the main one, after ``grace_s`` for finishing ones."""
+    deadline = time.monotonic() + grace_s
+    while True:
+        num_threads = len(os.listdir("/proc/self/task")) - 1
+        if num_threads == 0 or time.monotonic() > deadline:
+            return num_threads
+        time.sleep(0.005)
 
 
 def reap_children(block: bool) -> None:
@@ -423,8 +544,15 @@ def serve(config: dict[str, Any], proto_in: int, proto_out: int, null_fd: int) -
         if os.getpid() != main_pid:  # a process the code forked came back here: end it quietly
             os._exit(0)
         kill_other_processes(may_kill_all)  # (before reading: nothing writes any more)
+        num_threads = num_other_threads()
+        if num_threads:
+            result["ended"] = (
+                f"the call left {num_threads} thread(s) running, so its interpreter was ended"
+            )
         result.update(output.finish())
         write_frame(proto_out, result)
+        if num_threads:
+            os._exit(0)
 
 
 def main() -> None:

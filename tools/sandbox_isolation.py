@@ -7,23 +7,30 @@ Two mechanisms are measured at sandbox creation, not assumed:
   namespace holds only a downed loopback device, so every connection fails; the mount
   namespace makes the whole filesystem read-only except the sandbox's directory; the PID
   namespace makes the interpreter its init, so killing it ends every process it started.
-- **A uid of its own** (root): each sandbox claims a uid from ``uid_range`` by creating its
-  directory ``sandbox-<uid>`` (mode 0700, owned by that uid) under the workdir root; the
-  interpreter drops to it. ``RLIMIT_NPROC`` counts processes per uid and is not enforced for
-  root, so only an unprivileged uid of its own makes the process limit contain a fork bomb;
-  the same uid also makes other sandboxes' directories unreadable.
+- **A uid of its own** (root): claimed machine-wide with a lock file
+  (``tools/sandbox_workdir.py``); the interpreter drops to it. ``RLIMIT_NPROC`` counts
+  processes per uid and is not enforced for root, so only an unprivileged uid of its own makes
+  the process limit contain a fork bomb; it also makes other sandboxes' directories unreadable.
+- **A cgroup of its own** (root, writable cgroupfs; ``tools/sandbox_cgroup.py``): memory,
+  tasks and CPU quota for all its processes together, and a kill that reaches all of them.
+- **A tmpfs directory** (root): a disk quota (``tools/sandbox_workdir.py``).
+
+Always, root or not: a seccomp filter denies creating user namespaces (``unshare -U``,
+``clone(CLONE_NEWUSER)``), a call that leaves threads running ends its interpreter, and every
+process a call started is killed when the call ends (the interpreter is a child subreaper, so
+orphans come back to it to be killed).
 
 Without root (fallback): sockets are blocked inside the interpreter (``socket.socket``
 raises; code using ctypes could get round it), the interpreter runs as the server's own uid
 (no process limit, other sandboxes' directories protected by mode 0700 only against other
-uids), and only the resource limits hold. ``SandboxIsolation`` records which mode is active.
+uids), memory is limited per process (``RLIMIT_AS``), not per sandbox, and there is no disk
+quota. ``SandboxIsolation`` records which mode is active.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import secrets
 import shutil
 import subprocess
 import sys
@@ -64,31 +71,6 @@ def detect_isolation() -> SandboxIsolation:
     return SandboxIsolation(unshare_path=unshare_path, separate_uid=is_root)
 
 
-def claim_workdir(
-    workdir_root: Path, isolation: SandboxIsolation, uid_range: range
-) -> tuple[Path, int | None]:
-    """Create this sandbox's directory (mode 0700) and, with a separate uid, claim that uid.
-
-    The directory name carries the uid, so creating it (atomic, fails if it exists) is the
-    claim: sandboxes sharing a workdir root never share a uid. Use one root per server.
-    Raises ``RuntimeError`` when every uid in ``uid_range`` is taken.
-    """
-    workdir_root.mkdir(mode=0o711, parents=True, exist_ok=True)
-    if not isolation.separate_uid:
-        workdir = workdir_root / f"sandbox-{secrets.token_hex(8)}"
-        workdir.mkdir(mode=0o700)
-        return workdir, None
-    for uid in uid_range:
-        workdir = workdir_root / f"sandbox-{uid}"
-        try:
-            workdir.mkdir(mode=0o700)
-        except FileExistsError:
-            continue
-        os.chown(workdir, uid, uid)
-        return workdir, uid
-    raise RuntimeError(f"no free sandbox uid in {uid_range} under {workdir_root}")
-
-
 def child_command(
     isolation: SandboxIsolation, python_executable: str | None, config: dict[str, Any]
 ) -> list[str]:
@@ -107,4 +89,8 @@ def child_environment(workdir: Path) -> dict[str, str]:
         "TMPDIR": str(workdir),
         "LANG": "C.UTF-8",
         "PYTHONIOENCODING": "utf-8",
+        # Thread pools of numeric libraries would outlive each call and end the interpreter.
+        "OMP_NUM_THREADS": "1",
+        "OPENBLAS_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
     }
