@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tools.sandbox import PythonSandbox, SandboxLimits
+from tools.sandbox_isolation import SandboxIsolation
 
 MiB = 1 << 20
 LIMITS = SandboxLimits(
@@ -156,3 +157,23 @@ def test_user_namespaces_cannot_be_created(sandbox: PythonSandbox) -> None:
     )
     assert result.outcome == "ok", result
     assert result.value == "((-1, 1), 1, 0)"  # unshare(2): -1 with EPERM; unshare(1): exit 1
+
+
+def test_orphans_are_killed_without_namespaces_or_own_uid(workdir_root: Path) -> None:
+    """The non-root path (no PID namespace, the server's uid): the interpreter is a child
+    subreaper, so the processes a call orphaned come back to it and are killed."""
+    fallback = SandboxIsolation(unshare_path=None, separate_uid=False)
+    with PythonSandbox(workdir_root, LIMITS, isolation=fallback) as sandbox:
+        result = sandbox.run(
+            "import subprocess, time\n"
+            "subprocess.Popen(['sh', '-c', 'sleep 61 & sleep 62'])\n"
+            "time.sleep(0.3)\n"
+            "'forked'"
+        )
+        assert result.outcome == "ok" and result.value == "'forked'"
+        cgroup = sandbox._resources.cgroup
+        assert cgroup is not None and len(cgroup.pids()) == 1  # the interpreter alone
+        denied = sandbox.run(
+            "import subprocess\nsubprocess.run(['unshare', '-U', 'true']).returncode"
+        )
+        assert denied.value == "1"  # seccomp holds without root too
