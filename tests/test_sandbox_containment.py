@@ -177,3 +177,13 @@ def test_orphans_are_killed_without_namespaces_or_own_uid(workdir_root: Path) ->
             "import subprocess\nsubprocess.run(['unshare', '-U', 'true']).returncode"
         )
         assert denied.value == "1"  # seccomp holds without root too
+
+
+
+def test_interpreter_killed_at_the_memory_limit_says_so(sandbox: PythonSandbox) -> None:
+    """Its files count as memory: 200 MiB held plus 200 MiB written to its tmpfs is over the
+    256 MiB limit, so the OOM killer ends the interpreter itself; the result names the limit."""
+    result = sandbox.run("data = b'x' * (200 << 20)\nopen('big', 'wb').write(data)")
+    assert result.outcome == "died" and result.error is not None
+    assert result.error.type == "MemoryLimitExceeded"
+    assert sandbox.run("6 * 7").value == "42"

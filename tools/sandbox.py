@@ -318,17 +318,20 @@ class PythonSandbox:
             if (reason := memory_exceeded()) is not None:
                 raise InterpreterLost("died", reason)
         except InterpreterLost as lost:
+            # The OOM killer may have picked the interpreter itself: say why it died.
+            memory_reason = memory_exceeded() if lost.outcome == "died" else None
+            reason = memory_reason or lost.reason
             self._resources.stop_interpreter()
-            self._lost_reason = lost.reason
+            self._lost_reason = reason
             error_type = "InterpreterDied"
             if lost.outcome == "timeout":
                 error_type = "WallTimeLimitExceeded"
-            elif "memory limit" in lost.reason:
+            elif memory_reason is not None or "memory limit" in reason:
                 error_type = "MemoryLimitExceeded"
             return SandboxResult(
                 outcome=lost.outcome,
                 error=SandboxException(
-                    error_type, f"{lost.reason}; the next call starts a fresh interpreter", ""
+                    error_type, f"{reason}; the next call starts a fresh interpreter", ""
                 ),
                 restarted=restarted,
                 notice=notice,
