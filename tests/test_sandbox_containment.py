@@ -5,6 +5,7 @@ user namespaces. These need root and a writable cgroupfs (this machine and CI ha
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import tempfile
 import time
@@ -180,10 +181,12 @@ def test_orphans_are_killed_without_namespaces_or_own_uid(workdir_root: Path) ->
 
 
 
-def test_interpreter_killed_at_the_memory_limit_says_so(sandbox: PythonSandbox) -> None:
+def test_interpreter_killed_at_the_memory_limit_says_so(workdir_root: Path) -> None:
     """Its files count as memory: 200 MiB held plus 200 MiB written to its tmpfs is over the
     256 MiB limit, so the OOM killer ends the interpreter itself; the result names the limit."""
-    result = sandbox.run("data = b'x' * (200 << 20)\nopen('big', 'wb').write(data)")
-    assert result.outcome == "died" and result.error is not None
-    assert result.error.type == "MemoryLimitExceeded"
-    assert sandbox.run("6 * 7").value == "42"
+    roomy_disk = dataclasses.replace(LIMITS, disk_bytes=256 * MiB)
+    with PythonSandbox(workdir_root, roomy_disk) as sandbox:
+        result = sandbox.run("data = b'x' * (200 << 20)\nopen('big', 'wb').write(data)")
+        assert result.outcome == "died" and result.error is not None
+        assert result.error.type == "MemoryLimitExceeded"
+        assert sandbox.run("6 * 7").value == "42"
