@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -38,6 +40,12 @@ for _ in range(12):
     children.append(pid)
 for pid in children:
     os.waitpid(pid, 0)
+"""
+CLAIM_IN_ANOTHER_PROCESS = """
+import sys
+from tools.sandbox import PythonSandbox
+with PythonSandbox(sys.argv[1]) as sandbox:
+    print(sandbox.uid)
 """
 
 
@@ -143,6 +151,15 @@ def test_two_sandbox_managers_get_distinct_uids(tmp_path: Path) -> None:
         reused = PythonSandbox(tmp_path / "server-2", LIMITS)
         second_server.append(reused)
         assert reused.uid == freed_uid  # a closed sandbox's uid is free again
+        # Another process (a second `tarry serve`) claims past every uid held here.
+        other_server = subprocess.run(
+            [sys.executable, "-c", CLAIM_IN_ANOTHER_PROCESS, str(tmp_path / "server-3")],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        other_uid = int(other_server.stdout)
+        assert other_uid not in [s.uid for s in (*first_server, *second_server)]
     finally:
         for sandbox in (*first_server, *second_server):
             sandbox.close()
@@ -178,7 +195,6 @@ def test_orphans_are_killed_without_namespaces_or_own_uid(workdir_root: Path) ->
             "import subprocess\nsubprocess.run(['unshare', '-U', 'true']).returncode"
         )
         assert denied.value == "1"  # seccomp holds without root too
-
 
 
 def test_interpreter_killed_at_the_memory_limit_says_so(workdir_root: Path) -> None:
