@@ -4,6 +4,7 @@ key flooding long computations delays neither another key's python calls nor its
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
 from pathlib import Path
@@ -13,8 +14,10 @@ import pytest
 
 from api.server import ServeOptions
 from api.tool_pool import KeyFairPool, ToolPoolClosedError
+from api.tool_runtime import ToolRuntime
 from tests.api_helpers import ProtocolClient, live_server
 from tools.sandbox import PythonSandbox, SandboxResult
+from tools.sandbox_isolation import SandboxIsolation
 
 KEY_A, KEY_B = "key-flood", "key-quiet"
 A_SECONDS = 5.0  # each of A's computations
@@ -203,3 +206,23 @@ def test_flooding_key_does_not_delay_another_keys_python_call_or_turn(smollm2, t
         finally:
             for client in (*(s.client for s in flood), python_client, plain_client):
                 client.close()
+
+
+def test_closing_a_sandbox_never_blocks_the_event_loop(tmp_path):
+    """Without a tmpfs (the non-root layout) closing means an rmtree: it runs on the cleanup
+    thread, so ``close_sandbox`` (called on the event loop) returns at once."""
+    fallback = SandboxIsolation(unshare_path=None, separate_uid=False)
+    runtime = ToolRuntime(None, 0, [], sandbox_root=tmp_path)
+    runtime.sandbox_factory = lambda session_id: PythonSandbox(tmp_path, isolation=fallback)
+    code = "import os\nfor idx in range(5000): open(f'f{idx}', 'w').write('x')\nlen(os.listdir())"
+
+    async def scenario() -> float:
+        output = await runtime.run_python("s1", json.dumps({"code": code}))
+        assert output == "5000"
+        started = time.monotonic()
+        runtime.close_sandbox("s1")
+        return time.monotonic() - started
+
+    assert asyncio.run(scenario()) < 0.05
+    runtime.close()  # waits for the cleanup thread
+    assert list(tmp_path.iterdir()) == []
