@@ -20,7 +20,7 @@ from tools.sandbox import PythonSandbox, SandboxResult
 from tools.sandbox_isolation import SandboxIsolation
 
 KEY_A, KEY_B = "key-flood", "key-quiet"
-A_SECONDS = 5.0  # each of A's computations
+A_SECONDS = 8.0  # each of A's computations
 NUM_A_SESSIONS = 6  # more than the default executor's 6 workers on this 2-core machine
 LATENCY_BOUND_S = 0.6 * A_SECONDS  # waiting behind A's computations would take A_SECONDS
 FORCE_PYTHON = {"type": "function", "function": {"name": "python"}}
@@ -153,7 +153,7 @@ def open_python_session(base_url: str, key: str) -> tuple[ProtocolClient, str]:
 
 
 def test_flooding_key_does_not_delay_another_keys_python_call_or_turn(smollm2, tmp_path):
-    options = ServeOptions(api_keys=(KEY_A, KEY_B), tool_workers=3, tool_workers_per_key=2)
+    options = ServeOptions(api_keys=(KEY_A, KEY_B), tool_workers=4, tool_workers_per_key=3)
     with live_server(smollm2, options) as (base_url, state):
         programs: dict[str, str] = {}
         state.tools.sandbox_factory = lambda session_id: ScriptedSandbox(
@@ -171,16 +171,21 @@ def test_flooding_key_does_not_delay_another_keys_python_call_or_turn(smollm2, t
         plain_client.create_session()
         plain_client.user("Say hello.")
         try:
+            # B's sandbox starts before the flood: what is measured below is the pool alone.
+            warm_up = TimedSession(python_client, python_turn)
+            warm_up.run()
+            assert any(e.get("output") == "42" for e in warm_up.events)
+            python_client.user("Again, please.")
             for session in flood:
                 session.start()
             # Wait until A's computations fill its share and the rest of its calls queue.
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline and not (
-                state.tools.pool.num_running() == 2
-                and state.tools.pool.num_waiting() == NUM_A_SESSIONS - 2
+                state.tools.pool.num_running() == 3
+                and state.tools.pool.num_waiting() == NUM_A_SESSIONS - 3
             ):
                 time.sleep(0.02)
-            assert state.tools.pool.num_waiting() == NUM_A_SESSIONS - 2
+            assert state.tools.pool.num_waiting() == NUM_A_SESSIONS - 3
             # B's python call and a plain turn of B, while A's calls run and queue.
             quiet = TimedSession(python_client, python_turn)
             plain = TimedSession(plain_client, {"temperature": 0, "max_output_tokens": 8})
@@ -193,11 +198,11 @@ def test_flooding_key_does_not_delay_another_keys_python_call_or_turn(smollm2, t
             assert quiet.tool_latency_s() < LATENCY_BOUND_S, quiet.tool_latency_s()
             plain_s = plain.stamps["response.done"] - plain.sent_at
             assert plain_s < LATENCY_BOUND_S, plain_s
-            # A held at most 2 workers: its 6 calls finished in 3 waves of A_SECONDS, the
+            # A held at most 3 workers: its 6 calls finished in 2 waves of A_SECONDS, the
             # last one after B's call had its output.
             first = min(s.stamps["response.function_call_arguments.done"] for s in flood)
             last = max(s.stamps["response.tool_output.done"] for s in flood)
-            assert last - first >= 2.8 * A_SECONDS
+            assert last - first >= 1.8 * A_SECONDS
             assert quiet.stamps["response.tool_output.done"] < last
             for session in flood:
                 outputs = [e for e in session.events if e["type"] == "response.tool_output.done"]
