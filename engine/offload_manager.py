@@ -232,7 +232,7 @@ class OffloadManager:
             request.all_token_ids[idx * self.block_size : (idx + 1) * self.block_size]
             for idx in range(start, start + num_blocks)
         ]
-        staged = store.load(wanted, tokens)
+        staged, blocks_by_tier = store.load_with_sources(wanted, tokens)
         if staged is None:
             return []
         blocks = self.kv_manager.import_blocks(wanted, tokens)
@@ -240,6 +240,9 @@ class OffloadManager:
         block_ids = torch.tensor([block.block_id for block in blocks])
         ops.scatter_blocks(self.kv_cache, block_ids, staged)
         request.num_restored_tokens += num_blocks * self.block_size
+        for tier_name, num_tier_blocks in blocks_by_tier.items():
+            by_tier = request.restored_tokens_by_tier
+            by_tier[tier_name] = by_tier.get(tier_name, 0) + num_tier_blocks * self.block_size
         self.num_restored_tokens += num_blocks * self.block_size
         return blocks
 
