@@ -102,6 +102,7 @@ def build_app(state: ServerState) -> Starlette:
                 methods=["POST"],
             ),
             Route("/v1/sessions", sessions_http.list_sessions, methods=["GET"]),
+            Route("/v1/sessions", sessions_http.create_session, methods=["POST"]),
             Route("/v1/sessions/{session_id}", sessions_http.get_session, methods=["GET"]),
             Route("/v1/sessions/{session_id}", sessions_http.delete_session, methods=["DELETE"]),
             WebSocketRoute("/v1/sessions", surface_socket("session_ws", session_socket)),
