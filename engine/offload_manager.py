@@ -214,7 +214,24 @@ class OffloadManager:
         assert store is not None
         max_blocks = (request.num_tokens - 1) // self.block_size
         hashes = self.kv_manager.block_hashes(request)[:max_blocks]
-        start = len(self.kv_manager.cached_prefix(request.all_token_ids, hashes))
+        on_device = self.kv_manager.cached_prefix(request.all_token_ids, hashes)
+        # Held while restoring: the import must not evict the request's own device prefix
+        # (the restored blocks would follow a hole, and admission would restore again).
+        self.kv_manager.hold(on_device)
+        try:
+            return self._restore_after(request, store, hashes, len(on_device), max_new_tokens)
+        finally:
+            self.kv_manager.release(on_device)
+
+    def _restore_after(
+        self,
+        request: Request,
+        store: KVStore,
+        hashes: list[BlockHash],
+        start: int,
+        max_new_tokens: int,
+    ) -> list[KVBlock]:
+        """Restore the blocks the store holds after the first ``start`` (held on the device)."""
         num_blocks = store.lookup(hashes[start:])
         if num_blocks == 0:
             return []
@@ -239,10 +256,11 @@ class OffloadManager:
         self.write_back_evicted()  # the blocks just taken may have been cached ones
         block_ids = torch.tensor([block.block_id for block in blocks])
         ops.scatter_blocks(self.kv_cache, block_ids, staged)
-        request.num_restored_tokens += num_blocks * self.block_size
-        for tier_name, num_tier_blocks in blocks_by_tier.items():
+        if request.num_cached_tokens < 0:  # like num_cached_tokens: up to the first admission
+            request.num_restored_tokens += num_blocks * self.block_size
             by_tier = request.restored_tokens_by_tier
-            by_tier[tier_name] = by_tier.get(tier_name, 0) + num_tier_blocks * self.block_size
+            for name, count in blocks_by_tier.items():
+                by_tier[name] = by_tier.get(name, 0) + count * self.block_size
         self.num_restored_tokens += num_blocks * self.block_size
         return blocks
 
