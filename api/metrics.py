@@ -158,13 +158,18 @@ class Metrics:
 
     def record_usage(self, out: RequestOutput) -> None:
         """Count one sequence's tokens from its latest output (its usage fields cover the
-        whole sequence so far)."""
+        whole sequence so far). A request preempted and readmitted restores its prompt
+        again; its prompt is still counted once (restores beyond its cached tokens, which
+        are those of its first admission, are left out)."""
         prompt, cached = out.num_prompt_tokens, out.num_cached_tokens
         self.prompt_tokens.inc(prompt)
         self.completion_tokens.inc(out.num_output_tokens)
-        self.cached_tokens.labels("device").inc(max(0, cached - out.num_restored_tokens))
+        left = cached
         for tier, num_tokens in out.restored_tokens_by_tier.items():
-            self.cached_tokens.labels(tier).inc(num_tokens)
+            counted = min(left, num_tokens)
+            self.cached_tokens.labels(tier).inc(counted)
+            left -= counted
+        self.cached_tokens.labels("device").inc(left)
         self.computed_tokens.inc(max(0, prompt - cached))
 
     def record_refused(self, endpoint: str, status: int) -> None:

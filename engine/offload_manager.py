@@ -256,11 +256,10 @@ class OffloadManager:
         self.write_back_evicted()  # the blocks just taken may have been cached ones
         block_ids = torch.tensor([block.block_id for block in blocks])
         ops.scatter_blocks(self.kv_cache, block_ids, staged)
-        if request.num_cached_tokens < 0:  # like num_cached_tokens: up to the first admission
-            request.num_restored_tokens += num_blocks * self.block_size
-            by_tier = request.restored_tokens_by_tier
-            for name, count in blocks_by_tier.items():
-                by_tier[name] = by_tier.get(name, 0) + count * self.block_size
+        request.num_restored_tokens += num_blocks * self.block_size
+        by_tier = request.restored_tokens_by_tier
+        for name, count in blocks_by_tier.items():
+            by_tier[name] = by_tier.get(name, 0) + count * self.block_size
         self.num_restored_tokens += num_blocks * self.block_size
         return blocks
 
