@@ -10,12 +10,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 
-from api import inspector_routes, openai_http, sessions_http
+from api import completions_http, inspector_routes, openai_http, sessions_http
 from api.body_limit import BodyLimitMiddleware
 from api.errors import APIError
 from api.inspector import InspectorHub
 from api.responses_ws import responses_socket
 from api.state import ServerState
+from api.surfaces import surface_app, surface_socket
 from api.ws_sessions import session_socket
 from sessions.session import SessionState
 
@@ -90,13 +91,22 @@ def build_app(state: ServerState) -> Starlette:
             Route("/metrics", metrics),
             Route("/v1/models", openai_http.models),
             Route("/v1/models/{model_id:path}", openai_http.model),
-            Route("/v1/chat/completions", openai_http.chat_completions, methods=["POST"]),
-            Route("/v1/completions", openai_http.completions, methods=["POST"]),
+            Route(
+                "/v1/chat/completions",
+                surface_app("chat", openai_http.chat_completions),
+                methods=["POST"],
+            ),
+            Route(
+                "/v1/completions",
+                surface_app("completions", completions_http.completions),
+                methods=["POST"],
+            ),
             Route("/v1/sessions", sessions_http.list_sessions, methods=["GET"]),
+            Route("/v1/sessions", sessions_http.create_session, methods=["POST"]),
             Route("/v1/sessions/{session_id}", sessions_http.get_session, methods=["GET"]),
             Route("/v1/sessions/{session_id}", sessions_http.delete_session, methods=["DELETE"]),
-            WebSocketRoute("/v1/sessions", session_socket),
-            WebSocketRoute("/v1/responses", responses_socket),
+            WebSocketRoute("/v1/sessions", surface_socket("session_ws", session_socket)),
+            WebSocketRoute("/v1/responses", surface_socket("responses_ws", responses_socket)),
             Route("/ui", inspector_routes.page),
             Route("/ui/static/{name}", inspector_routes.static_file),
             WebSocketRoute("/ui/ws", inspector_routes.inspector_socket),

@@ -1,8 +1,8 @@
-"""OpenAI-compatible HTTP endpoints: /v1/chat/completions, /v1/completions, /v1/models."""
+"""OpenAI-compatible HTTP endpoints: /v1/chat/completions, /v1/models (and the helpers
+/v1/completions shares, see ``api.completions_http``)."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import secrets
 import time
@@ -154,36 +154,18 @@ def _chat_logprobs(tokenizer: Any, entries: list[TokenLogprob]) -> dict[str, Any
 async def _generate(
     state: ServerState, source: AsyncIterator[RequestOutput], endpoint: str
 ) -> AsyncIterator[RequestOutput]:
-    """Pass ``source`` through, recording TTFT, usage and request metrics (status 499:
-    the client went away and the request was aborted)."""
-    started = time.perf_counter()
-    first = True
+    """Pass ``source`` through, mapping request errors to APIError (metrics are recorded
+    by the engine's observer, ``api.metrics.MetricsObserver``)."""
     try:
         async for out in source:
-            if first:
-                state.metrics.ttft.observe(time.perf_counter() - started)
-                first = False
-            if out.finished:
-                state.metrics.record_usage(
-                    out.num_prompt_tokens,
-                    out.num_output_tokens,
-                    out.num_cached_tokens,
-                    out.num_restored_tokens,
-                )
             yield out
     except InvalidRequestError as exc:
-        state.metrics.requests.labels(endpoint, "400").inc()
         raise APIError(str(exc)) from exc
     except SessionError as exc:
         status = 400 if isinstance(exc, InvalidSessionInputError) else 409
-        state.metrics.requests.labels(endpoint, str(status)).inc()
         raise APIError(str(exc), code=exc.code, status=status) from exc
-    except (asyncio.CancelledError, GeneratorExit):
-        state.metrics.requests.labels(endpoint, "499").inc()
-        raise
     finally:
         await aclose_quietly(source)
-    state.metrics.requests.labels(endpoint, "200").inc()
 
 
 async def _first_then_rest(
@@ -373,69 +355,6 @@ async def _chat_sse(
         }
         yield f"data: {json.dumps(usage)}\n\n"
     yield "data: [DONE]\n\n"
-
-
-async def completions(request: Request) -> Response:
-    state: ServerState = request.app.state.tarry
-    owner = state.owner_for(request.headers.get("authorization"))
-    body = await read_json(request, state.limits.max_frame_bytes)
-    state.check_model(body.get("model"))
-    prompt_field = body.get("prompt")
-    if isinstance(prompt_field, str):
-        try:
-            prompt = await state.sessions.tokenize_text(prompt_field)
-        except SessionError as exc:
-            raise APIError(str(exc), code=exc.code, param="prompt") from exc
-    elif isinstance(prompt_field, list) and all(isinstance(t, int) for t in prompt_field):
-        prompt = list(prompt_field)
-    else:
-        raise APIError("prompt must be a string or a list of token ids", param="prompt")
-    params = sampling_from_openai(body, state.limits.max_output_tokens, state.sampling_defaults)
-    completion = Completion(state.model_name, "text")
-    source = state.async_engine.generate(prompt, params, cache_salt=owner)
-    pulled = await run_until_disconnect(
-        request.receive,
-        _first_then_rest(_generate(state, source, "completions")),
-        state.stopping,
-    )
-    if pulled is None:
-        return _not_completed(state)
-    first, stream = pulled
-    outputs = _chain([first] if first else [], stream)
-    if body.get("stream"):
-
-        async def sse() -> AsyncIterator[str]:
-            try:
-                async for out in outputs:
-                    completion.add(out)
-                    yield f"data: {json.dumps(_text_completion(completion, out.new_text))}\n\n"
-            finally:
-                await aclose_quietly(outputs)  # aborts the engine request if the client left
-            yield "data: [DONE]\n\n"
-
-        return StreamingUntilDisconnect(sse(), "text/event-stream", state.stopping)
-
-    async def collect() -> Response:
-        async for out in outputs:
-            completion.add(out)
-        result = _text_completion(completion, completion.text)
-        return JSONResponse({**result, "usage": completion.usage()})
-
-    result = await run_until_disconnect(request.receive, collect(), state.stopping)
-    return result or _not_completed(state)
-
-
-def _text_completion(completion: Completion, text: str) -> dict[str, Any]:
-    """A ``text_completion`` object (or stream chunk) carrying ``text``."""
-    return {
-        "id": completion.id,
-        "object": "text_completion",
-        "created": completion.created,
-        "model": completion.model,
-        "choices": [
-            {"index": 0, "text": text, "logprobs": None, "finish_reason": completion.finish_reason}
-        ],
-    }
 
 
 async def _chain(

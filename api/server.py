@@ -11,6 +11,7 @@ import uvicorn
 
 from api.app import build_app
 from api.http_protocol import uvicorn_limits
+from api.metrics import Metrics, MetricsObserver
 from api.net import is_loopback
 from api.state import Limits, ServerState
 from api.tool_pool import DEFAULT_TOOL_WORKERS, DEFAULT_TOOL_WORKERS_PER_KEY
@@ -78,7 +79,8 @@ def build_state(engine: LLMEngine, options: ServeOptions) -> ServerState:
             connect_redis(url, cluster=cluster),
             instance_id=ownership.instance_id if ownership is not None else None,
         )
-    async_engine = AsyncEngine(engine)
+    metrics = Metrics()
+    async_engine = AsyncEngine(engine, observer=MetricsObserver(metrics))
     async_engine.start()
     tools = ToolRuntime(
         engine.tokenizer,
@@ -104,6 +106,7 @@ def build_state(engine: LLMEngine, options: ServeOptions) -> ServerState:
         served_model_names=served,
         model_aliases=() if options.served_model_names else ("tarry",),
         sampling_defaults=defaults,
+        metrics=metrics,
     )
 
 

@@ -1,4 +1,4 @@
-"""REST view of a key's own sessions: list, get, delete."""
+"""REST view of a key's own sessions: open, list, get, delete."""
 
 from __future__ import annotations
 
@@ -8,8 +8,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from api.errors import APIError, session_moved
+from api.openai_http import read_json
+from api.session_open import open_session, session_info
 from api.state import ServerState
-from sessions.errors import SessionError, SessionMovedError
+from api.ws_protocol import ProtocolError, session_config
+from sessions.errors import InvalidSessionInputError, SessionError, SessionMovedError
 from sessions.session import Session
 
 
@@ -36,6 +39,26 @@ def _owned(request: Request) -> tuple[ServerState, Session]:
     except SessionError as exc:
         raise APIError(str(exc), code=exc.code, status=404) from exc
     return state, session
+
+
+async def create_session(request: Request) -> Response:
+    """``POST /v1/sessions``: open a session over HTTP. The body is what ``session.create``
+    takes as its ``session`` (instructions, tools, tool_choice, sampling defaults); the
+    answer is the session object of ``session.created``: its ``id`` (for the
+    ``X-Tarry-Session-Id`` header of chat completions) and ``resume_token`` (for the
+    WebSocket's ``session.resume``). 400 for a bad field, 429 at the key's session limit."""
+    state: ServerState = request.app.state.tarry
+    owner = state.owner_for(request.headers.get("authorization"))
+    body = await read_json(request, state.limits.max_frame_bytes)
+    try:
+        config = session_config({"session": body})
+    except ProtocolError as exc:
+        raise APIError(exc.message, code=exc.code) from exc
+    try:
+        session, resume_token = open_session(state, owner, config)
+    except InvalidSessionInputError as exc:
+        raise APIError(str(exc), code=exc.code) from exc
+    return JSONResponse(session_info(state, session, resume_token))
 
 
 async def list_sessions(request: Request) -> Response:

@@ -11,7 +11,6 @@ key.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import secrets
 import time
@@ -21,10 +20,10 @@ from typing import Any
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from api.errors import APIError
-from api.openai_params import sampling_from_openai
 from api.response_run import ResponseRun
+from api.session_open import open_session, session_info, session_sampling, token_hash
 from api.state import ServerState
-from api.tool_runtime import check_tool_choice, normalize_tools
+from api.tool_runtime import normalize_tools
 from api.ws_protocol import (
     AUTH_SUBPROTOCOL_PREFIX,
     MSGPACK_SUBPROTOCOL,
@@ -45,10 +44,6 @@ logger = logging.getLogger(__name__)
 CLOSE_AUTH = 4001
 CLOSE_IDLE = 4000
 CLOSE_RATE = 4008
-
-
-def _token_hash(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
 
 
 class SessionConnection:
@@ -170,26 +165,7 @@ class SessionConnection:
     # -- session events -------------------------------------------------------------------
 
     def _session_info(self, session: Session, resume_token: str | None) -> dict[str, Any]:
-        limits = self.state.limits
-        info: dict[str, Any] = {
-            "id": session.session_id,
-            "object": "session",
-            "model": self.state.model_name,
-            "state": session.state.value,
-            "num_items": len(session.messages),
-            "num_tokens": len(session.token_ids),
-            "limits": {
-                "max_frame_bytes": limits.max_frame_bytes,
-                "max_items": limits.max_items_per_session,
-                "max_output_tokens": limits.max_output_tokens,
-                "max_history_tokens": self.state.sessions.budget.max_tokens,
-                "max_history_bytes": self.state.sessions.budget.max_bytes,
-                "idle_timeout_s": limits.idle_timeout_s,
-            },
-        }
-        if resume_token is not None:
-            info["resume_token"] = resume_token
-        return info
+        return session_info(self.state, session, resume_token)
 
     async def _create(self, event: dict[str, Any]) -> None:
         config = session_config(event)
@@ -200,16 +176,7 @@ class SessionConnection:
                 "this connection already has a session",
                 event.get("event_id"),
             )
-        manager = self.state.sessions
-        if len(manager.sessions_of(self.owner)) >= self.state.limits.max_sessions_per_key:
-            raise ProtocolError(
-                "too_many_sessions", "this key has too many open sessions", event.get("event_id")
-            )
-        tools = normalize_tools(config.get("tools"))
-        resume_token = secrets.token_urlsafe(24)
-        defaults = {k: v for k, v in config.items() if k not in ("instructions", "tools")}
-        settings = {"resume_token_sha256": _token_hash(resume_token), "defaults": defaults}
-        session = manager.create(self.owner, config.get("instructions"), tools, settings)
+        session, resume_token = open_session(self.state, self.owner, config)
         self.session = session
         await self.send(
             {"type": "session.created", "session": self._session_info(session, resume_token)}
@@ -229,7 +196,7 @@ class SessionConnection:
 
         def check_token(session: Session) -> None:
             expected = session.settings.get("resume_token_sha256", "")
-            if not secrets.compare_digest(expected, _token_hash(token)):
+            if not secrets.compare_digest(expected, token_hash(token)):
                 raise ProtocolError(
                     "session_not_found", f"no session {session_id!r}", event.get("event_id")
                 )
@@ -295,7 +262,7 @@ class SessionConnection:
         session = self._bound()
         child = self.state.sessions.fork(session)  # with the parent's settings and defaults
         token = secrets.token_urlsafe(24)
-        self.state.sessions.update(child, settings={"resume_token_sha256": _token_hash(token)})
+        self.state.sessions.update(child, settings={"resume_token_sha256": token_hash(token)})
         await self.send({"type": "session.forked", "session": self._session_info(child, token)})
 
     async def _close(self, event: dict[str, Any]) -> None:
@@ -332,19 +299,7 @@ class SessionConnection:
         await asyncio.sleep(0)  # let response.created go out before the next event is read
 
     def _sampling(self, config: dict[str, Any]) -> SamplingParams:
-        """Sampling parameters of a session / response config; APIError for a bad value (so
-        that a session default is refused when it is set, not at every later response)."""
-        body = {
-            "max_tokens": config.get("max_output_tokens"),
-            "temperature": config.get("temperature"),
-            "top_p": config.get("top_p"),
-            "seed": config.get("seed"),
-            "stop": config.get("stop"),
-        }
-        check_tool_choice(None, config.get("tool_choice"))
-        return sampling_from_openai(
-            body, self.state.limits.max_output_tokens, self.state.sampling_defaults
-        )
+        return session_sampling(self.state, config)
 
     async def _response_cancel(self, event: dict[str, Any]) -> None:
         task = self.response_task

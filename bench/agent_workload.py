@@ -28,7 +28,8 @@ WORDS = WORDS_TEXT.split()
 COUNTERS = (
     "tarry_prompt_tokens_total",
     "tarry_completion_tokens_total",
-    "tarry_cached_tokens_total",
+    "tarry_prompt_tokens_cached_total",
+    "tarry_prompt_tokens_computed_total",
     "vllm:prompt_tokens_total",
     "vllm:generation_tokens_total",
     "vllm:prefix_cache_queries_total",

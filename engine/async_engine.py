@@ -23,13 +23,16 @@ import itertools
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
+from engine.errors import InvalidRequestError
+from engine.generation_observer import GenerationObserver, GenerationStatus, GenerationTrace
 from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import MAX_SEED, SamplingParams
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -70,13 +73,16 @@ class AsyncEngine:
     Contract: ``generate`` raises ``InvalidRequestError`` before yielding anything if the
     request is invalid; it yields deltas until one has ``finished``; if the caller stops
     iterating early (or is cancelled) the request is aborted and its blocks freed before the
-    next step. No method blocks the event loop: ``generate``, ``abort``, ``submit`` and
+    next step. ``generate_n`` does the same for ``n`` sequences of one prompt. Both pass
+    through one output path, which reports to ``observer`` (``engine.generation_observer``).
+    No method blocks the event loop: ``generate``, ``abort``, ``submit`` and
     ``run_exclusive_async`` only enqueue. ``run_exclusive`` waits for the engine thread and
     is for other threads (workers, tests), never for an event loop.
     """
 
-    def __init__(self, engine: LLMEngine) -> None:
+    def __init__(self, engine: LLMEngine, observer: GenerationObserver | None = None) -> None:
         self.engine = engine
+        self.observer = observer  # sees every generation's deltas and end (e.g. metrics)
         self._commands: queue.SimpleQueue[_Command] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._streams: dict[str, _Stream] = {}  # engine thread only
@@ -115,24 +121,98 @@ class AsyncEngine:
         request_id: str | None = None,
         cache_salt: str = "",
     ) -> AsyncIterator[RequestOutput]:
-        if not self.is_running:
-            raise EngineDeadError("the engine is not running")
         request_id = request_id or f"req-{next(self._ids)}"
-        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
-        # A rejected request puts its InvalidRequestError first in its stream (see _add).
-        self.submit(self._add, request_id, prompt, params, cache_salt, stream)
-        finished = False
+        stream = self._generate_group(prompt, [params], [request_id], cache_salt)
         try:
-            while not finished:
-                item = await stream.queue.get()
-                if isinstance(item, BaseException):
-                    finished = True  # nothing left to abort: rejected, or the engine died
-                    raise item
-                finished = item.finished
+            async for _, out in stream:
+                yield out
+        finally:
+            await stream.aclose()
+
+    async def generate_n(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams,
+        n: int,
+        cache_salt: str = "",
+        request_id: str | None = None,
+    ) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """``n`` sequences from one prompt, as ``(sequence index, delta)`` in arrival order.
+
+        Contract: the prompt is computed once. Sequence 0 is added first; the other ``n - 1``
+        are added when its first delta arrives (its prompt is prefilled by then and every
+        full block of it is in the prefix cache), so each of them recomputes only the
+        prompt's last, partial block (the last prompt token is always recomputed). Sequence
+        ``i`` samples with seed ``params.seed + i`` when a seed is given, else unseeded.
+        Request ids are ``{request_id}-{i}``. ``params.logits_processors`` (stateful, one
+        per sequence) are refused with ``n > 1``. Errors and cancellation behave as in
+        ``generate``: an invalid request raises InvalidRequestError before anything is
+        yielded; a caller that stops early aborts every unfinished sequence.
+        """
+        if n < 1:
+            raise InvalidRequestError(f"n must be at least 1, got {n}")
+        if n > 1 and params.logits_processors:
+            raise InvalidRequestError("n > 1 cannot be combined with logits processors")
+        base_id = request_id or f"req-{next(self._ids)}"
+        children = [params, *(_with_seed(params, i) for i in range(1, n))]
+        ids = [f"{base_id}-{i}" for i in range(n)]
+        stream = self._generate_group(prompt, children, ids, cache_salt)
+        try:
+            async for item in stream:
                 yield item
         finally:
-            if not finished:
+            await stream.aclose()
+
+    async def _generate_group(
+        self,
+        prompt: str | list[int],
+        params: Sequence[SamplingParams | None],
+        request_ids: list[str],
+        cache_salt: str,
+    ) -> AsyncGenerator[tuple[int, RequestOutput], None]:
+        """The one output path of every generation: one shared stream for the group, the
+        first request added at once and the others after its first delta; the observer
+        sees every delta and the end."""
+        if not self.is_running:
+            raise EngineDeadError("the engine is not running")
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        index_of = {request_id: idx for idx, request_id in enumerate(request_ids)}
+        trace = GenerationTrace(len(request_ids))
+        # A rejected request puts its InvalidRequestError first in the stream (see _add).
+        self.submit(self._add, request_ids[0], prompt, params[0], cache_salt, stream)
+        unfinished = {request_ids[0]}
+        pending = list(zip(request_ids[1:], params[1:], strict=True))
+        status = GenerationStatus.ABORTED
+        try:
+            while unfinished:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    unfinished.clear()  # rejected, or the engine failed them all
+                    status = _status_of(item)
+                    raise item
+                for request_id, child_params in pending:  # the prompt's blocks are cached
+                    self.submit(self._add, request_id, prompt, child_params, cache_salt, stream)
+                    unfinished.add(request_id)
+                pending = []
+                if item.finished:
+                    unfinished.discard(item.request_id)
+                self._observe(trace, item)
+                yield index_of[item.request_id], item
+            status = GenerationStatus.FINISHED
+        finally:
+            for request_id in unfinished:
                 self.abort(request_id)
+            if self.observer is not None:
+                self.observer.on_end(trace, status, time.monotonic())
+
+    def _observe(self, trace: GenerationTrace, out: RequestOutput) -> None:
+        now = time.monotonic()
+        if self.observer is not None:
+            self.observer.on_output(trace, out, now)
+        if trace.first_output_at is None:
+            trace.first_output_at = now
+        trace.last_output_at[out.request_id] = now
+        trace.last_outputs[out.request_id] = out
 
     def abort(self, request_id: str) -> None:
         """Stop ``request_id`` before the next step and free its blocks (no-op if unknown)."""
@@ -258,6 +338,20 @@ class AsyncEngine:
         self._publish_stats()
         for stream in streams.values():
             _deliver(stream.loop, [(stream.queue, exc)])
+
+
+def _with_seed(params: SamplingParams, offset: int) -> SamplingParams:
+    """A copy of ``params`` for sequence ``offset`` of ``generate_n`` (seed + offset)."""
+    seed = None if params.seed is None else (params.seed + offset) % MAX_SEED
+    return replace(params, seed=seed, stop=list(params.stop))
+
+
+def _status_of(exc: BaseException) -> GenerationStatus:
+    if isinstance(exc, InvalidRequestError):
+        return GenerationStatus.REJECTED
+    if isinstance(exc, EngineDeadError):
+        return GenerationStatus.ENGINE_DEAD
+    return GenerationStatus.FAILED
 
 
 def _execute(command: _Command) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
 
@@ -23,7 +24,13 @@ from engine.block_pool import BlockHash
 
 
 class KVStore(ABC):
-    """A content-addressed store of KV blocks below the device pool."""
+    """A content-addressed store of KV blocks below the device pool.
+
+    ``tier_name`` names the tier in metrics and health (``host``, ``redis``); a stack of
+    tiers reports its members' names through ``load_with_sources``.
+    """
+
+    tier_name: ClassVar[str] = "store"
 
     @abstractmethod
     def lookup(self, block_hashes: Sequence[BlockHash]) -> int:
@@ -44,6 +51,14 @@ class KVStore(ABC):
         """The staged tensor for exactly these blocks, or None if any is missing or invalid
         (wrong tokens, foreign fingerprint/layout/dtype, bad checksum, truncated): invalid
         entries are discarded and logged, never returned."""
+
+    def load_with_sources(
+        self, block_hashes: Sequence[BlockHash], token_ids: Sequence[Sequence[int]]
+    ) -> tuple[torch.Tensor | None, dict[str, int]]:
+        """``load``, plus how many of the blocks each tier served (``{tier_name: blocks}``,
+        empty when nothing was loaded). Stacks of tiers override this."""
+        staged = self.load(block_hashes, token_ids)
+        return staged, ({self.tier_name: len(block_hashes)} if staged is not None else {})
 
     @abstractmethod
     def save(

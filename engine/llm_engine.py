@@ -279,6 +279,7 @@ class LLMEngine:
             num_prompt_tokens=request.num_prompt_tokens,
             num_cached_tokens=max(0, request.num_cached_tokens),
             num_restored_tokens=request.num_restored_tokens,
+            restored_tokens_by_tier=dict(request.restored_tokens_by_tier),
             num_output_tokens=request.num_output_tokens,
             logprobs=[logprob] if logprob is not None else None,
         )

@@ -214,7 +214,24 @@ class OffloadManager:
         assert store is not None
         max_blocks = (request.num_tokens - 1) // self.block_size
         hashes = self.kv_manager.block_hashes(request)[:max_blocks]
-        start = len(self.kv_manager.cached_prefix(request.all_token_ids, hashes))
+        on_device = self.kv_manager.cached_prefix(request.all_token_ids, hashes)
+        # Held while restoring: the import must not evict the request's own device prefix
+        # (the restored blocks would follow a hole, and admission would restore again).
+        self.kv_manager.hold(on_device)
+        try:
+            return self._restore_after(request, store, hashes, len(on_device), max_new_tokens)
+        finally:
+            self.kv_manager.release(on_device)
+
+    def _restore_after(
+        self,
+        request: Request,
+        store: KVStore,
+        hashes: list[BlockHash],
+        start: int,
+        max_new_tokens: int,
+    ) -> list[KVBlock]:
+        """Restore the blocks the store holds after the first ``start`` (held on the device)."""
         num_blocks = store.lookup(hashes[start:])
         if num_blocks == 0:
             return []
@@ -232,7 +249,7 @@ class OffloadManager:
             request.all_token_ids[idx * self.block_size : (idx + 1) * self.block_size]
             for idx in range(start, start + num_blocks)
         ]
-        staged = store.load(wanted, tokens)
+        staged, blocks_by_tier = store.load_with_sources(wanted, tokens)
         if staged is None:
             return []
         blocks = self.kv_manager.import_blocks(wanted, tokens)
@@ -240,6 +257,9 @@ class OffloadManager:
         block_ids = torch.tensor([block.block_id for block in blocks])
         ops.scatter_blocks(self.kv_cache, block_ids, staged)
         request.num_restored_tokens += num_blocks * self.block_size
+        by_tier = request.restored_tokens_by_tier
+        for name, count in blocks_by_tier.items():
+            by_tier[name] = by_tier.get(name, 0) + count * self.block_size
         self.num_restored_tokens += num_blocks * self.block_size
         return blocks
 

@@ -31,6 +31,8 @@ class RequestOutput:
     num_cached_tokens: int
     num_output_tokens: int
     num_restored_tokens: int = 0  # cached tokens that came from host memory or Redis
+    # num_restored_tokens split by the tier that served them (``KVStore.tier_name``)
+    restored_tokens_by_tier: dict[str, int] = field(default_factory=dict)
     stop_reason: int | str | None = None
     logprobs: list[TokenLogprob] | None = None
     error: str | None = None

@@ -47,6 +47,7 @@ class Request:
     num_computed_tokens: int = 0
     num_cached_tokens: int = -1  # prompt tokens served by the prefix cache at first admission
     num_restored_tokens: int = 0  # of which restored from a lower tier (host memory, Redis)
+    restored_tokens_by_tier: dict[str, int] = field(default_factory=dict)  # tier name -> tokens
     num_preemptions: int = 0
     stop_reason: int | str | None = None
 

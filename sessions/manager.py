@@ -561,7 +561,7 @@ class SessionManager:
         store = self.engine.kv_store
         tiers = getattr(store, "tiers", [store] if store is not None else [])
         for tier in tiers:
-            health[type(tier).__name__] = bool(getattr(tier, "healthy", True))
+            health[tier.tier_name] = bool(getattr(tier, "healthy", True))
         return health
 
     def _refresh_state(self, session: Session) -> None:

@@ -98,10 +98,12 @@ class ProtocolClient:
 
 
 @contextmanager
-def live_server(model: LoadedModel, options: ServeOptions) -> Iterator[tuple[str, ServerState]]:
+def live_server(
+    model: LoadedModel, options: ServeOptions, num_kv_blocks: int = 1024
+) -> Iterator[tuple[str, ServerState]]:
     """A real server (uvicorn thread) on a free loopback port for ``model``; yields its base
     URL and state, and checks the session manager's invariants when it stops."""
-    engine = LLMEngine(model, EngineConfig(num_kv_blocks=1024, check_integrity=True))
+    engine = LLMEngine(model, EngineConfig(num_kv_blocks=num_kv_blocks, check_integrity=True))
     state = build_state(engine, options)
     background = BackgroundServer(state)
     base_url = background.start()

@@ -234,7 +234,7 @@ def test_health_metrics_and_sessions_rest(server):
     assert httpx.get(base + "/health").json()["status"] == "ok"
     metrics = httpx.get(base + "/metrics").text
     assert "tarry_time_to_first_token_seconds_bucket" in metrics
-    assert 'tarry_tier_up{tier="RedisKVStore"} 1.0' in metrics
+    assert 'tarry_tier_up{tier="redis"} 1.0' in metrics
     ws = ProtocolClient(base, KEY_A)
     try:
         info = ws.create_session()

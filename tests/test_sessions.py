@@ -198,8 +198,8 @@ def test_redis_stopped_between_turns_degrades_and_recovers(tiny, redis_process):
         assert not stack.manager.records.healthy
         assert stack.manager.tier_health() == {
             "session_records": False,
-            "HostKVStore": True,
-            "RedisKVStore": False,
+            "host": True,
+            "redis": False,
         }
         redis_process.start()
         run_turn(stack, session, "Thanks!")

@@ -32,6 +32,8 @@ class HostKVStore(KVTier):
     """Blocks in host memory, at most ``capacity_bytes`` of tensor data, least recently used
     evicted first. Thread-safe. Blocks bigger than the capacity are dropped on save."""
 
+    tier_name = "host"
+
     def __init__(self, capacity_bytes: int) -> None:
         if capacity_bytes < 0:
             raise ValueError(f"capacity_bytes must be >= 0, got {capacity_bytes}")

@@ -99,6 +99,8 @@ class RedisKVStore(KVTier):
     decoded into them); without them a load only requires its blocks to agree.
     """
 
+    tier_name = "redis"
+
     def __init__(
         self,
         client_or_url: redis.Redis | RedisCluster | str,

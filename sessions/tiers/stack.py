@@ -41,22 +41,32 @@ class TieredKVStore(KVTier):
     def load(
         self, block_hashes: Sequence[BlockHash], token_ids: Sequence[Sequence[int]]
     ) -> torch.Tensor | None:
+        return self.load_with_sources(block_hashes, token_ids)[0]
+
+    def load_with_sources(
+        self, block_hashes: Sequence[BlockHash], token_ids: Sequence[Sequence[int]]
+    ) -> tuple[torch.Tensor | None, dict[str, int]]:
+        """``load``, plus the blocks each tier served, by ``tier_name``."""
         check_load_args(block_hashes, token_ids)
         sources = self._sources(block_hashes)
         if not sources or None in sources:
-            return None
+            return None, {}
         parts = []
+        served: dict[str, int] = {}
         for tier_idx, start, end in _runs(sources):
-            part = self._load_run(tier_idx, block_hashes[start:end], token_ids[start:end])
-            if part is None:
-                return None
+            loaded = self._load_run(tier_idx, block_hashes[start:end], token_ids[start:end])
+            if loaded is None:
+                return None, {}
+            part, source_idx = loaded
             parts.append(part)
+            name = self.tiers[source_idx].tier_name
+            served[name] = served.get(name, 0) + end - start
         if len(parts) == 1:
-            return parts[0]
+            return parts[0], served
         if any(p.dtype != parts[0].dtype or p.shape[3:] != parts[0].shape[3:] for p in parts):
             logger.warning("KV tiers returned blocks of different dtype or shape; not loaded")
-            return None
-        return torch.cat(parts, dim=2)
+            return None, {}
+        return torch.cat(parts, dim=2), served
 
     def save(
         self,
@@ -87,7 +97,8 @@ class TieredKVStore(KVTier):
         tier_idx: int,
         block_hashes: Sequence[BlockHash],
         token_ids: Sequence[Sequence[int]],
-    ) -> torch.Tensor | None:
+    ) -> tuple[torch.Tensor, int] | None:
+        """The run's blocks and the index of the tier that served them, or None."""
         for source_idx in range(tier_idx, len(self.tiers)):
             part = self.tiers[source_idx].load(block_hashes, token_ids)
             if part is None:
@@ -95,7 +106,7 @@ class TieredKVStore(KVTier):
             for upper in self.tiers[:source_idx]:
                 upper.save(block_hashes, token_ids, part)
             self._num_promoted += len(block_hashes) if source_idx else 0
-            return part
+            return part, source_idx
         return None
 
 
