@@ -6,7 +6,14 @@ from typing import Any
 
 from starlette.requests import Request
 
-from sessions.errors import SessionMovedError
+from engine.errors import InvalidRequestError
+from sessions.errors import (
+    InvalidSessionInputError,
+    SessionAccessError,
+    SessionError,
+    SessionMovedError,
+    SessionNotFoundError,
+)
 
 
 class APIError(Exception):
@@ -45,3 +52,24 @@ def session_moved(exc: SessionMovedError, request: Request) -> APIError:
     if request.url.query:
         location += f"?{request.url.query}"
     return APIError(str(exc), code=exc.code, status=307, location=location)
+
+
+def to_api_error(exc: Exception) -> APIError | None:
+    """The client-facing error of an exception a request can raise, for every surface (HTTP
+    status + OpenAI body, or a WebSocket ``error`` event with the same ``code``); None for
+    anything else (a bug). ``session_moved`` keeps the owner's URL in ``location`` (HTTP
+    handlers answer it with ``session_moved`` to get the full redirect)."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, InvalidRequestError):
+        return APIError(str(exc))
+    if isinstance(exc, SessionMovedError):
+        status = 409 if exc.owner_url is None else 307
+        return APIError(str(exc), code=exc.code, status=status, location=exc.owner_url)
+    if isinstance(exc, InvalidSessionInputError):
+        return APIError(str(exc), code=exc.code)
+    if isinstance(exc, SessionNotFoundError | SessionAccessError):
+        return APIError(str(exc), code=exc.code, status=404)
+    if isinstance(exc, SessionError):
+        return APIError(str(exc), code=exc.code, status=409)
+    return None

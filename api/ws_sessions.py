@@ -20,11 +20,11 @@ from typing import Any
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from api.errors import APIError
-from api.openai_params import sampling_from_openai
+from api.openai_params import sampling_from_fields
 from api.response_run import ResponseRun
 from api.state import ServerState
 from api.tool_runtime import check_tool_choice, normalize_tools
+from api.ws_auth import accept_authenticated
 from api.ws_protocol import (
     AUTH_SUBPROTOCOL_PREFIX,
     MSGPACK_SUBPROTOCOL,
@@ -32,17 +32,15 @@ from api.ws_protocol import (
     decode_frame,
     encode_frame,
     error_event,
+    error_event_of,
     item_to_message,
     session_config,
 )
-from engine.errors import InvalidRequestError
 from engine.sampling_params import SamplingParams
-from sessions.errors import SessionError, SessionMovedError
 from sessions.session import Session
 
 logger = logging.getLogger(__name__)
 
-CLOSE_AUTH = 4001
 CLOSE_IDLE = 4000
 CLOSE_RATE = 4008
 
@@ -75,13 +73,6 @@ class SessionConnection:
 
     async def send_error(self, code: str, message: str, event_id: str | None = None) -> None:
         await self.send(error_event(code, message, event_id))
-
-    async def send_session_error(self, exc: SessionError, event_id: str | None = None) -> None:
-        """An ``error`` event for a session error; ``session_moved`` carries the ``owner``."""
-        event = error_event(exc.code, str(exc), event_id)
-        if isinstance(exc, SessionMovedError):
-            event["error"]["owner"] = exc.owner_url
-        await self.send(event)
 
     # -- the receive loop -----------------------------------------------------------------
 
@@ -134,19 +125,12 @@ class SessionConnection:
             event = decode_frame(data, isinstance(data, bytes))
             event_id = event.get("event_id")
             await self._dispatch(event)
-        except ProtocolError as exc:
-            await self.send_error(exc.code, exc.message, exc.event_id or event_id)
-        except SessionError as exc:
-            await self.send_session_error(exc, event_id)
-        except APIError as exc:
-            await self.send_error(exc.code, exc.message, event_id)
-        except InvalidRequestError as exc:
-            await self.send_error("invalid_request", str(exc), event_id)
-        except Exception:  # a bug: report it, keep the connection and the session
-            logger.exception("event %s failed", event_id)
-            await self.send(
-                error_event("server_error", "the event failed", event_id, kind="server_error")
-            )
+        except Exception as exc:
+            error = error_event_of(exc, event_id)
+            if error is None:  # a bug: report it, keep the connection and the session
+                logger.exception("event %s failed", event_id)
+                error = error_event("server_error", "the event failed", event_id, "server_error")
+            await self.send(error)
 
     async def _dispatch(self, event: dict[str, Any]) -> None:
         kind = event["type"]
@@ -334,16 +318,9 @@ class SessionConnection:
     def _sampling(self, config: dict[str, Any]) -> SamplingParams:
         """Sampling parameters of a session / response config; APIError for a bad value (so
         that a session default is refused when it is set, not at every later response)."""
-        body = {
-            "max_tokens": config.get("max_output_tokens"),
-            "temperature": config.get("temperature"),
-            "top_p": config.get("top_p"),
-            "seed": config.get("seed"),
-            "stop": config.get("stop"),
-        }
         check_tool_choice(None, config.get("tool_choice"))
-        return sampling_from_openai(
-            body, self.state.limits.max_output_tokens, self.state.sampling_defaults
+        return sampling_from_fields(
+            config, self.state.limits.max_output_tokens, self.state.sampling_defaults
         )
 
     async def _response_cancel(self, event: dict[str, Any]) -> None:
@@ -365,13 +342,7 @@ async def session_socket(websocket: WebSocket) -> None:
         if proto.startswith(AUTH_SUBPROTOCOL_PREFIX) and authorization is None:
             authorization = "Bearer " + proto[len(AUTH_SUBPROTOCOL_PREFIX) :]
     binary = MSGPACK_SUBPROTOCOL in offered
-    try:
-        owner = state.owner_for(authorization)
-    except APIError:
-        # Accepted first so that the client sees the close code (PROTOCOL.md: 4001), not a
-        # bare HTTP 403; no event is read from it.
-        await websocket.accept()
-        await websocket.close(CLOSE_AUTH, "invalid or missing API key")
-        return
-    await websocket.accept(subprotocol=MSGPACK_SUBPROTOCOL if binary else None)
-    await SessionConnection(websocket, state, owner, binary).serve()
+    subprotocol = MSGPACK_SUBPROTOCOL if binary else None
+    owner = await accept_authenticated(websocket, state, authorization, subprotocol)
+    if owner is not None:
+        await SessionConnection(websocket, state, owner, binary).serve()
