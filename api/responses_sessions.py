@@ -24,7 +24,7 @@ from typing import Any
 from api.errors import APIError
 from api.responses_request import ResponsesRequest
 from api.state import ServerState
-from sessions.errors import SessionAccessError, SessionNotFoundError
+from sessions.errors import SessionAccessError, SessionClosedError, SessionNotFoundError
 from sessions.session import Session, SessionState
 
 RESPONSES_KEY = "responses"
@@ -68,7 +68,7 @@ def find_response(
         raise not_found
     try:
         session = state.sessions.get(session_id, owner)
-    except (SessionNotFoundError, SessionAccessError):
+    except (SessionNotFoundError, SessionAccessError, SessionClosedError):
         raise not_found from None
     entry = session.settings.get(RESPONSES_KEY, {}).get(response_id)
     if entry is None:
