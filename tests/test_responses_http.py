@@ -5,6 +5,7 @@ previous_response_id, GET/DELETE), the Agents SDK's default model and LangChain
 from __future__ import annotations
 
 import asyncio
+import json
 
 import httpx
 import openai
@@ -245,3 +246,48 @@ def test_langchain_use_responses_api_invoke_and_stream(server):
     assert "Paris" in message.text
     streamed = "".join(chunk.text for chunk in llm.stream(FRANCE))
     assert streamed == message.text
+
+
+WEATHER_TOOL = {
+    "type": "function",
+    "name": "get_weather",
+    "description": "The current weather in a city.",
+    "parameters": {
+        "type": "object",
+        "properties": {"city": {"type": "string"}},
+        "required": ["city"],
+    },
+}
+
+
+def test_streamed_function_call_then_its_output(client):
+    events = list(
+        client.responses.create(
+            model="tarry",
+            input="What is the weather in Paris?",
+            tools=[WEATHER_TOOL],
+            tool_choice={"type": "function", "name": "get_weather"},
+            temperature=0,
+            max_output_tokens=60,
+            stream=True,
+        )
+    )
+    kinds = [e.type for e in events]
+    assert "response.function_call_arguments.delta" in kinds
+    done = next(e for e in events if e.type == "response.function_call_arguments.done")
+    assert json.loads(done.arguments)["city"]
+    response = events[-1].response
+    assert events[-1].type == "response.completed"
+    call = next(item for item in response.output if item.type == "function_call")
+    assert call.name == "get_weather" and call.arguments == done.arguments
+    context = response.usage.input_tokens + response.usage.output_tokens
+    answer = client.responses.create(
+        model="tarry",
+        previous_response_id=response.id,
+        input=[{"type": "function_call_output", "call_id": call.call_id, "output": "Sunny, 24 C"}],
+        tools=[WEATHER_TOOL],
+        temperature=0,
+        max_output_tokens=40,
+    )
+    assert answer.status == "completed" and answer.output_text
+    assert answer.usage.input_tokens_details.cached_tokens >= context // 16 * 16
