@@ -134,4 +134,10 @@ def sampling_from_fields(
     ignore_eos = body.get("ignore_eos")
     if ignore_eos is not None and not isinstance(ignore_eos, bool):
         raise APIError("ignore_eos must be a boolean", param="ignore_eos")
-    return sampling_from_openai(body, max_output_tokens, defaults)
+    try:
+        return sampling_from_openai(body, max_output_tokens, defaults)
+    except APIError as exc:
+        if exc.param != "max_tokens":
+            raise
+        message = exc.message.replace("max_tokens", "max_output_tokens")  # this surface's name
+        raise APIError(message, exc.code, exc.status, "max_output_tokens") from exc

@@ -171,6 +171,10 @@ def test_failed_requests_leave_no_session_and_bad_input_is_4xx(server, client):
         ({"input": "hi", "previous_response_id": "resp_nope"}, 404, "previous_response_id"),
         ({"input": "hi", "model": "gpt-nope"}, 404, "model"),
         ({"input": "hi", "store": "yes"}, 400, "store"),
+        ({"input": "hi", "max_output_tokens": 10**6}, 400, "max_output_tokens"),
+        ({"input": [{"type": "function_call", "name": None}]}, 400, "input"),
+        ({"input": [{"type": "function_call_output", "output": "x"}]}, 400, "input"),
+        ({"input": [], "max_output_tokens": 4}, 400, None),
     ]
     for body, status, param in bad_bodies:
         reply = httpx.post(base, json=body, headers=auth, timeout=60)
