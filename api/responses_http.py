@@ -62,7 +62,7 @@ async def create_response(request: Request) -> Response:
     except Exception as exc:
         raise _api_error(exc, request) from exc
     response_id = response_id_for(opened.session)
-    events = _mapped(response_stream(state, opened, parsed, response_id), request)
+    events = _mapped(response_stream(state, opened, parsed, response_id, "responses"), request)
     pulled = await run_until_disconnect(request.receive, _first_then_rest(events), state.stopping)
     if pulled is None:
         return _not_completed(state)

@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from api.disconnect import aclose_quietly
+from api.openai_http import _generate as observed
 from api.response_pipeline import Finished, response_events
 from api.responses_items import response_object
 from api.responses_render import ResponsesEmitter
@@ -30,8 +31,13 @@ from tools.streaming_parser import StreamingToolParser
 
 
 async def response_stream(
-    state: ServerState, opened: OpenedSession, request: ResponsesRequest, response_id: str
+    state: ServerState,
+    opened: OpenedSession,
+    request: ResponsesRequest,
+    response_id: str,
+    endpoint: str,
 ) -> AsyncIterator[dict[str, Any]]:
+    """See the module docstring; ``endpoint`` labels the request metrics."""
     session = opened.session
     pending: list[dict[str, Any]] = []
 
@@ -49,7 +55,7 @@ async def response_stream(
             ),
         )
         waiting = parser_for(tool_choice) is not None
-        return state.sessions.generate(session, params, waiting_for_tool=waiting)
+        return observed(state, state.sessions.generate(session, params, waiting), endpoint)
 
     emitter = ResponsesEmitter(buffer)
     status = "completed"

@@ -123,7 +123,9 @@ class ResponsesConnection:
             )
         opened = await open_session(self.state, self.owner, request, previous)
         response_id = response_id_for(opened.session)
-        async for event in response_stream(self.state, opened, request, response_id):
+        async for event in response_stream(
+            self.state, opened, request, response_id, "responses_ws"
+        ):
             if event["type"] in ("response.completed", "response.incomplete"):
                 self.sessions_by_response[response_id] = opened.session
             await self.send(event)

@@ -83,6 +83,8 @@ def test_create_plain_and_stream_agree(server, client):
     assert deltas == plain.output_text == events[-1].response.output_text
     assert _num_sessions(server) == before
 
+    metrics = httpx.get(server[0] + "/metrics").text
+    assert 'tarry_requests_total{endpoint="responses",status="200"}' in metrics
     short = client.responses.create(model="tarry", input=FRANCE, max_output_tokens=2, store=False)
     assert short.status == "incomplete" and short.incomplete_details.reason == "max_output_tokens"
 
