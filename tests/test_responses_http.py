@@ -216,7 +216,8 @@ def test_agents_sdk_default_model_runs_a_function_tool(server):
         calls.append(city)
         return f"It is sunny and 24 degrees in {city}."
 
-    provider = OpenAIProvider(api_key=KEY, base_url=server[0] + "/v1", use_responses=True)
+    # No use_responses flag: the SDK's default model is OpenAIResponsesModel over HTTP.
+    provider = OpenAIProvider(api_key=KEY, base_url=server[0] + "/v1")
     agent = Agent(
         name="weather",
         instructions="Use the get_weather tool, then answer in one sentence.",
