@@ -20,7 +20,13 @@ from api.disconnect import StreamingUntilDisconnect, aclose_quietly, run_until_d
 from api.errors import APIError, session_moved, to_api_error
 from api.openai_http import _chain, _first_then_rest, _not_completed, read_json
 from api.responses_request import parse_responses_request
-from api.responses_sessions import delete_response, find_response, open_session, response_id_for
+from api.responses_sessions import (
+    abandon,
+    delete_response,
+    find_response,
+    open_session,
+    response_id_for,
+)
 from api.responses_stream import response_stream
 from api.state import ServerState
 from sessions.errors import SessionMovedError
@@ -64,7 +70,8 @@ async def create_response(request: Request) -> Response:
     response_id = response_id_for(opened.session)
     events = _mapped(response_stream(state, opened, parsed, response_id, "responses"), request)
     pulled = await run_until_disconnect(request.receive, _first_then_rest(events), state.stopping)
-    if pulled is None:
+    if pulled is None:  # stopped, perhaps before the stream ran: undo (idempotent) here too
+        abandon(state, opened)
         return _not_completed(state)
     first, rest = pulled
     chained = _chain([first] if first else [], rest)
