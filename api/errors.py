@@ -10,6 +10,7 @@ from engine.errors import InvalidRequestError
 from sessions.errors import (
     InvalidSessionInputError,
     SessionAccessError,
+    SessionClosedError,
     SessionError,
     SessionMovedError,
     SessionNotFoundError,
@@ -55,21 +56,17 @@ def session_moved(exc: SessionMovedError, request: Request) -> APIError:
 
 
 def to_api_error(exc: Exception) -> APIError | None:
-    """The client-facing error of an exception a request can raise, for every surface (HTTP
-    status + OpenAI body, or a WebSocket ``error`` event with the same ``code``); None for
-    anything else (a bug). ``session_moved`` keeps the owner's URL in ``location`` (HTTP
-    handlers answer it with ``session_moved`` to get the full redirect)."""
+    """The client-facing error of an exception a request can raise, for every surface (an
+    HTTP status + OpenAI body, or a WebSocket ``error`` event with the same ``code``); None
+    for anything else (a bug). ``session_moved`` is a 409 here: an HTTP handler that can
+    redirect answers ``session_moved(exc, request)`` instead, a WebSocket event adds the
+    owner's URL."""
     if isinstance(exc, APIError):
         return exc
-    if isinstance(exc, InvalidRequestError):
-        return APIError(str(exc))
-    if isinstance(exc, SessionMovedError):
-        status = 409 if exc.owner_url is None else 307
-        return APIError(str(exc), code=exc.code, status=status, location=exc.owner_url)
-    if isinstance(exc, InvalidSessionInputError):
-        return APIError(str(exc), code=exc.code)
-    if isinstance(exc, SessionNotFoundError | SessionAccessError):
+    if isinstance(exc, InvalidRequestError | InvalidSessionInputError):
+        return APIError(str(exc), code=getattr(exc, "code", "invalid_request"))
+    if isinstance(exc, SessionNotFoundError | SessionAccessError | SessionClosedError):
         return APIError(str(exc), code=exc.code, status=404)
-    if isinstance(exc, SessionError):
+    if isinstance(exc, SessionError):  # busy, moved
         return APIError(str(exc), code=exc.code, status=409)
     return None

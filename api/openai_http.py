@@ -13,7 +13,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from api.disconnect import StreamingUntilDisconnect, aclose_quietly, run_until_disconnect
-from api.errors import APIError, session_moved
+from api.errors import APIError, session_moved, to_api_error
 from api.json_input import check_storable, parse_json
 from api.openai_params import sampling_from_openai
 from api.response_pipeline import (
@@ -29,7 +29,7 @@ from api.tool_runtime import normalize_tools
 from engine.errors import InvalidRequestError
 from engine.outputs import RequestOutput, TokenLogprob
 from engine.sampling_params import SamplingParams
-from sessions.errors import InvalidSessionInputError, SessionError, SessionMovedError
+from sessions.errors import SessionError, SessionMovedError
 from tools.tool_call import ToolCall
 
 
@@ -179,13 +179,11 @@ async def _generate(
                     out.num_restored_tokens,
                 )
             yield out
-    except InvalidRequestError as exc:
-        state.metrics.requests.labels(endpoint, "400").inc()
-        raise APIError(str(exc)) from exc
-    except SessionError as exc:
-        status = 400 if isinstance(exc, InvalidSessionInputError) else 409
-        state.metrics.requests.labels(endpoint, str(status)).inc()
-        raise APIError(str(exc), code=exc.code, status=status) from exc
+    except (InvalidRequestError, SessionError) as exc:
+        error = to_api_error(exc)
+        assert error is not None  # every SessionError / InvalidRequestError maps
+        state.metrics.requests.labels(endpoint, str(error.status)).inc()
+        raise error from exc
     except (asyncio.CancelledError, GeneratorExit):
         state.metrics.requests.labels(endpoint, "499").inc()
         raise
@@ -337,10 +335,7 @@ async def _session_source(
     except SessionMovedError:
         raise  # the caller answers 307 to the owner
     except SessionError as exc:
-        status = 409 if exc.code == "conversation_already_has_active_response" else 404
-        if isinstance(exc, InvalidSessionInputError):
-            status = 400
-        raise APIError(str(exc), code=exc.code, status=status) from exc
+        raise to_api_error(exc) or exc from exc
     return state.sessions.generate(session, params, waiting_for_tool=waiting_for_tool)
 
 
