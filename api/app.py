@@ -10,7 +10,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 
-from api import completions_http, inspector_routes, openai_http, sessions_http
+from api import completions_http, inspector_routes, openai_http, responses_http, sessions_http
 from api.body_limit import BodyLimitMiddleware
 from api.errors import APIError
 from api.inspector import InspectorHub
@@ -106,6 +106,17 @@ def build_app(state: ServerState) -> Starlette:
             Route("/v1/sessions/{session_id}", sessions_http.get_session, methods=["GET"]),
             Route("/v1/sessions/{session_id}", sessions_http.delete_session, methods=["DELETE"]),
             WebSocketRoute("/v1/sessions", surface_socket("session_ws", session_socket)),
+            Route(
+                "/v1/responses",
+                surface_app("responses", responses_http.create_response),
+                methods=["POST"],
+            ),
+            Route("/v1/responses/{response_id}", responses_http.get_response, methods=["GET"]),
+            Route(
+                "/v1/responses/{response_id}",
+                responses_http.delete_response_route,
+                methods=["DELETE"],
+            ),
             WebSocketRoute("/v1/responses", surface_socket("responses_ws", responses_socket)),
             Route("/ui", inspector_routes.page),
             Route("/ui/static/{name}", inspector_routes.static_file),

@@ -6,7 +6,15 @@ from typing import Any
 
 from starlette.requests import Request
 
-from sessions.errors import SessionMovedError
+from engine.errors import InvalidRequestError
+from sessions.errors import (
+    InvalidSessionInputError,
+    SessionAccessError,
+    SessionClosedError,
+    SessionError,
+    SessionMovedError,
+    SessionNotFoundError,
+)
 
 
 class APIError(Exception):
@@ -45,3 +53,20 @@ def session_moved(exc: SessionMovedError, request: Request) -> APIError:
     if request.url.query:
         location += f"?{request.url.query}"
     return APIError(str(exc), code=exc.code, status=307, location=location)
+
+
+def to_api_error(exc: Exception) -> APIError | None:
+    """The client-facing error of an exception a request can raise, for every surface (an
+    HTTP status + OpenAI body, or a WebSocket ``error`` event with the same ``code``); None
+    for anything else (a bug). ``session_moved`` is a 409 here: an HTTP handler that can
+    redirect answers ``session_moved(exc, request)`` instead, a WebSocket event adds the
+    owner's URL."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, InvalidRequestError | InvalidSessionInputError):
+        return APIError(str(exc), code=getattr(exc, "code", "invalid_request"))
+    if isinstance(exc, SessionNotFoundError | SessionAccessError | SessionClosedError):
+        return APIError(str(exc), code=exc.code, status=404)
+    if isinstance(exc, SessionError):  # busy, moved
+        return APIError(str(exc), code=exc.code, status=409)
+    return None

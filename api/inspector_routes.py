@@ -35,11 +35,12 @@ from api.errors import APIError
 from api.inspector import InspectorHub, Viewer
 from api.net import is_loopback
 from api.state import ServerState
+from api.ws_auth import CLOSE_AUTH
 
 STATIC_DIR = Path(__file__).parent / "inspector_static"
 STATIC_FILES = {"inspector.js": "text/javascript", "inspector.css": "text/css"}
 CLOSE_POLICY = 1008  # not loopback, and the server has no API keys
-CLOSE_AUTH = 4001
+
 HELLO_TIMEOUT_S = 10.0
 MAX_SESSION_ID_CHARS = 128
 SECURITY_HEADERS = {

@@ -7,23 +7,30 @@ import json
 import secrets
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, TypeVar
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from api.disconnect import StreamingUntilDisconnect, aclose_quietly, run_until_disconnect
-from api.errors import APIError, session_moved
+from api.errors import APIError, session_moved, to_api_error
 from api.json_input import check_storable, parse_json
 from api.openai_params import sampling_from_openai
+from api.response_pipeline import (
+    Finished,
+    ResponseEvent,
+    TextDelta,
+    ToolCallDone,
+    Usage,
+    response_events,
+)
 from api.state import ServerState
 from api.tool_runtime import normalize_tools
 from engine.errors import InvalidRequestError
 from engine.outputs import RequestOutput, TokenLogprob
 from engine.sampling_params import SamplingParams
-from sessions.errors import InvalidSessionInputError, SessionError, SessionMovedError
-from tools.streaming_parser import StreamingToolParser
-from tools.tool_call import TextDelta, ToolCall, ToolCallDone
+from sessions.errors import SessionError, SessionMovedError
+from tools.tool_call import ToolCall
 
 
 async def read_json(request: Request, max_bytes: int) -> dict[str, Any]:
@@ -83,6 +90,7 @@ def chat_messages(body: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 SESSION_HEADER = "x-tarry-session-id"
+T = TypeVar("T")
 
 
 class Completion:
@@ -159,18 +167,15 @@ async def _generate(
     try:
         async for out in source:
             yield out
-    except InvalidRequestError as exc:
-        raise APIError(str(exc)) from exc
-    except SessionError as exc:
-        status = 400 if isinstance(exc, InvalidSessionInputError) else 409
-        raise APIError(str(exc), code=exc.code, status=status) from exc
+    except (InvalidRequestError, SessionError) as exc:
+        error = to_api_error(exc)
+        assert error is not None  # every SessionError / InvalidRequestError maps
+        raise error from exc
     finally:
         await aclose_quietly(source)
 
 
-async def _first_then_rest(
-    stream: AsyncIterator[RequestOutput],
-) -> tuple[RequestOutput | None, AsyncIterator[RequestOutput]]:
+async def _first_then_rest(stream: AsyncIterator[T]) -> tuple[T | None, AsyncIterator[T]]:
     """Pull the first output so that request errors surface before a 200 is sent."""
     try:
         first = await stream.__anext__()
@@ -179,7 +184,36 @@ async def _first_then_rest(
     return first, stream
 
 
+class ChatCompletion(Completion):
+    """A chat completion accumulated from response pipeline events."""
+
+    def __init__(self, model: str) -> None:
+        super().__init__(model, "chat")
+        self.pipeline_usage = Usage()
+
+    def add_event(self, event: ResponseEvent) -> None:
+        if isinstance(event, TextDelta):
+            self.text += event.text
+            self.logprobs += event.logprobs
+        elif isinstance(event, ToolCallDone):
+            self.tool_calls.append(event.call)
+        elif isinstance(event, Finished):
+            self.finish_reason = event.finish_reason
+            self.pipeline_usage = event.usage
+
+    def usage(self) -> dict[str, Any]:
+        usage = self.pipeline_usage
+        return {
+            "prompt_tokens": usage.prompt_tokens,
+            "completion_tokens": usage.completion_tokens,
+            "total_tokens": usage.prompt_tokens + usage.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
+        }
+
+
 async def chat_completions(request: Request) -> Response:
+    """Chat completions: the shared response pipeline (one round, the client runs every
+    tool), rendered as a ``chat.completion`` or its chunks."""
     state: ServerState = request.app.state.tarry
     owner = state.owner_for(request.headers.get("authorization"))
     body = await read_json(request, state.limits.max_frame_bytes)
@@ -191,13 +225,11 @@ async def chat_completions(request: Request) -> Response:
     engine = state.async_engine.engine
     include_usage = _include_usage(body.get("stream_options"))
     messages = chat_messages(body)
-    parser = state.tools.parser() if tools and tool_choice != "none" else None
+    parse = bool(tools) and tool_choice != "none"
     session_id = request.headers.get(SESSION_HEADER)
     if session_id:
         try:
-            source = await _session_source(
-                state, owner, session_id, messages, tools, params, parser
-            )
+            source = await _session_source(state, owner, session_id, messages, tools, params, parse)
         except SessionMovedError as exc:
             raise session_moved(exc, request) from exc
     else:
@@ -206,28 +238,31 @@ async def chat_completions(request: Request) -> Response:
         except SessionError as exc:
             raise APIError(str(exc), code=exc.code, param="messages") from exc
         source = state.async_engine.generate(prompt, params, cache_salt=owner)
-    completion = Completion(state.model_name, "chat")
-    pulled = await run_until_disconnect(
-        request.receive, _first_then_rest(_generate(state, source, "chat")), state.stopping
+    events = response_events(
+        lambda _tool_choice: _generate(state, source, "chat"),
+        lambda _tool_choice: state.tools.parser() if parse else None,
+        tool_choice,
     )
+    completion = ChatCompletion(state.model_name)
+    pulled = await run_until_disconnect(request.receive, _first_then_rest(events), state.stopping)
     if pulled is None:
         return _not_completed(state)
     first, stream = pulled
-    outputs = _chain([first] if first else [], stream)
+    chained = _chain([first] if first else [], stream)
     if body.get("stream"):
         return StreamingUntilDisconnect(
-            _chat_sse(completion, outputs, parser, include_usage, engine.tokenizer, params),
+            _chat_sse(completion, chained, include_usage, engine.tokenizer, params),
             media_type="text/event-stream",
             stop=state.stopping,
         )
 
     async def collect() -> Response:
-        async for out in outputs:
-            _add_parsed(completion, out, parser)
+        async for event in chained:
+            completion.add_event(event)
         choice: dict[str, Any] = {
             "index": 0,
             "message": completion.message(),
-            "finish_reason": "tool_calls" if completion.tool_calls else completion.finish_reason,
+            "finish_reason": completion.finish_reason,
             "logprobs": None,
         }
         if params.logprobs is not None:
@@ -271,7 +306,7 @@ async def _session_source(
     messages: list[dict[str, Any]],
     tools: list[dict[str, Any]],
     params: SamplingParams,
-    parser: StreamingToolParser | None,
+    waiting_for_tool: bool,
 ) -> AsyncIterator[RequestOutput]:
     """Generation bound to a session: ``messages`` are the NEW messages, appended to the
     session's history (which the server keeps, with its KV); the reply is recorded too."""
@@ -283,33 +318,13 @@ async def _session_source(
     except SessionMovedError:
         raise  # the caller answers 307 to the owner
     except SessionError as exc:
-        status = 409 if exc.code == "conversation_already_has_active_response" else 404
-        if isinstance(exc, InvalidSessionInputError):
-            status = 400
-        raise APIError(str(exc), code=exc.code, status=status) from exc
-    return state.sessions.generate(session, params, waiting_for_tool=parser is not None)
-
-
-def _add_parsed(
-    completion: Completion, out: RequestOutput, parser: StreamingToolParser | None
-) -> tuple[str, list[ToolCall]]:
-    """Fold ``out`` into ``completion``; return its visible text and completed tool calls."""
-    raw_text = out.new_text
-    events: list[Any] = [TextDelta(raw_text)] if parser is None else parser.feed(raw_text)
-    if out.finished and parser is not None:
-        events += parser.finish()
-    visible = "".join(e.text for e in events if isinstance(e, TextDelta))
-    calls = [e.call for e in events if isinstance(e, ToolCallDone)]
-    out.new_text = visible
-    completion.add(out)
-    completion.tool_calls += calls
-    return visible, calls
+        raise to_api_error(exc) or exc from exc
+    return state.sessions.generate(session, params, waiting_for_tool=waiting_for_tool)
 
 
 async def _chat_sse(
-    completion: Completion,
-    outputs: AsyncIterator[RequestOutput],
-    parser: StreamingToolParser | None,
+    completion: ChatCompletion,
+    events: AsyncIterator[ResponseEvent],
     include_usage: bool,
     tokenizer: Any,
     params: SamplingParams,
@@ -330,20 +345,19 @@ async def _chat_sse(
 
     yield chunk({"role": "assistant", "content": ""}, None)
     try:
-        async for out in outputs:
-            num_calls = len(completion.tool_calls)
-            visible, calls = _add_parsed(completion, out, parser)
-            logprobs = None
-            if params.logprobs is not None and out.logprobs:
-                logprobs = _chat_logprobs(tokenizer, out.logprobs)
-            if visible or logprobs:
-                yield chunk({"content": visible}, None, logprobs)
-            for offset, call in enumerate(calls):
-                yield chunk({"tool_calls": [openai_tool_call(call, num_calls + offset)]}, None)
-            if out.finished:
-                yield chunk({}, "tool_calls" if completion.tool_calls else completion.finish_reason)
+        async for event in events:
+            completion.add_event(event)
+            if isinstance(event, TextDelta):
+                logprobs = None
+                if params.logprobs is not None and event.logprobs:
+                    logprobs = _chat_logprobs(tokenizer, event.logprobs)
+                yield chunk({"content": event.text}, None, logprobs)
+            elif isinstance(event, ToolCallDone):
+                yield chunk({"tool_calls": [openai_tool_call(event.call, event.index)]}, None)
+            elif isinstance(event, Finished):
+                yield chunk({}, event.finish_reason)
     finally:
-        await aclose_quietly(outputs)  # aborts the engine request if the client left
+        await aclose_quietly(events)  # aborts the engine request if the client left
     if include_usage:
         usage = {
             "id": completion.id,
@@ -357,9 +371,7 @@ async def _chat_sse(
     yield "data: [DONE]\n\n"
 
 
-async def _chain(
-    head: list[RequestOutput], rest: AsyncIterator[RequestOutput]
-) -> AsyncIterator[RequestOutput]:
+async def _chain(head: list[T], rest: AsyncIterator[T]) -> AsyncIterator[T]:
     try:
         for out in head:
             yield out

@@ -101,3 +101,43 @@ def _num_logprobs(logprobs: Any, top_logprobs: Any) -> Any:
     if isinstance(logprobs, bool):
         return (top_logprobs or 0) if logprobs else None
     return logprobs
+
+
+# The sampling fields of the Responses API and the session protocol (``session.update``,
+# ``response.create``): every one the chat API accepts, with ``max_output_tokens`` for
+# ``max_tokens``.
+RESPONSE_SAMPLING_FIELDS = (
+    "max_output_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "min_tokens",
+    "ignore_eos",
+    "seed",
+    "stop",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+    "logit_bias",
+)
+
+
+def sampling_from_fields(
+    fields: dict[str, Any], max_output_tokens: int, defaults: dict[str, Any] | None = None
+) -> SamplingParams:
+    """SamplingParams for a Responses request or a session-protocol config: the same mapping
+    (and the same 400s) as ``sampling_from_openai``; fields other than
+    ``RESPONSE_SAMPLING_FIELDS`` are ignored here."""
+    body = {name: fields.get(name) for name in RESPONSE_SAMPLING_FIELDS}
+    body["max_tokens"] = body.pop("max_output_tokens")
+    ignore_eos = body.get("ignore_eos")
+    if ignore_eos is not None and not isinstance(ignore_eos, bool):
+        raise APIError("ignore_eos must be a boolean", param="ignore_eos")
+    try:
+        return sampling_from_openai(body, max_output_tokens, defaults)
+    except APIError as exc:
+        if exc.param != "max_tokens":
+            raise
+        message = exc.message.replace("max_tokens", "max_output_tokens")  # this surface's name
+        raise APIError(message, exc.code, exc.status, "max_output_tokens") from exc

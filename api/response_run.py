@@ -1,5 +1,6 @@
-"""One ``response.create`` of the session protocol: generate, parse tool calls, run the
-built-in ``python`` tool, and loop until the model answers or a client tool is needed.
+"""One ``response.create`` of the session protocol: the shared response pipeline
+(``api.response_pipeline``) with the built-in ``python`` tool run on the server, rendered as
+the protocol's events.
 
     response.created
       ├─ response.output_text.delta ...            (text, tool-call markup held back)
@@ -15,21 +16,28 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
-from api.tool_runtime import PYTHON_TOOL_NAME
-from api.ws_protocol import error_event, usage_of
-from engine.errors import InvalidRequestError
+from api.response_pipeline import (
+    Finished,
+    ServerToolOutput,
+    TextDelta,
+    ToolCallDone,
+    response_events,
+)
+from api.ws_protocol import error_event, error_event_of, usage_of
+from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
-from sessions.errors import SessionError, SessionMovedError
 from sessions.session import Session
-from tools.tool_call import TextDelta, ToolCall, ToolCallDone
+from tools.streaming_parser import StreamingToolParser
+from tools.tool_call import ToolCall
 
 if TYPE_CHECKING:
     from api.ws_sessions import SessionConnection
 
-MAX_SERVER_TOOL_ROUNDS = 8
 logger = logging.getLogger(__name__)
+STATUS_OF_FINISH = {"stop": "completed", "length": "incomplete", "tool_calls": "requires_action"}
 
 
 class ResponseRun:
@@ -49,6 +57,7 @@ class ResponseRun:
         self.tool_choice = tool_choice
         self.output: list[dict[str, Any]] = []
         self.status = "completed"
+        self.text = ""
 
     async def send(self, event: dict[str, Any]) -> None:
         await self.connection.send(event)
@@ -61,24 +70,16 @@ class ResponseRun:
             }
         )
         try:
-            await self._rounds(generate)
+            await self._render(generate)
         except asyncio.CancelledError:
             self.status = "cancelled"
-        except SessionMovedError as exc:  # taken over by another instance meanwhile
+        except Exception as exc:  # a bug must still end the response, the session usable
             self.status = "failed"
-            await self.connection.send_session_error(exc)
-        except SessionError as exc:
-            self.status = "failed"
-            await self.connection.send_error(exc.code, str(exc))
-        except InvalidRequestError as exc:
-            self.status = "failed"
-            await self.connection.send_error("invalid_request", str(exc))
-        except Exception:  # a bug must still end the response and leave the session usable
-            logger.exception("response %s failed", self.response_id)
-            self.status = "failed"
-            await self.connection.send(
-                error_event("server_error", "the response failed", kind="server_error")
-            )
+            error = error_event_of(exc)
+            if error is None:
+                logger.exception("response %s failed", self.response_id)
+                error = error_event("server_error", "the response failed", kind="server_error")
+            await self.send(error)
         if (
             self.status == "cancelled"
             and self.connection.websocket.client_state.name != "CONNECTED"
@@ -104,88 +105,88 @@ class ResponseRun:
             }
         )
 
-    async def _rounds(self, generate: bool) -> None:
-        tool_choice = self.tool_choice
-        for _ in range(MAX_SERVER_TOOL_ROUNDS):
-            calls = await self._generate_once(generate, tool_choice)
-            if not calls or not generate:
-                return
-            if any(call.name != PYTHON_TOOL_NAME for call in calls):
-                self.status = "requires_action"  # the client runs its tools, then responds
-                return
-            for call in calls:
-                output = await self.state.tools.run_python(
-                    self.session.session_id, call.arguments_json, owner=self.session.owner
-                )
+    async def _render(self, generate: bool) -> None:
+        events = response_events(
+            lambda tool_choice: self._round(tool_choice, generate),
+            self._parser_for,
+            self.tool_choice,
+            self._run_python if generate else None,
+        )
+        async for event in events:
+            if not generate:  # prefill only: nothing is shown
+                continue
+            if isinstance(event, TextDelta) and event.text:
+                self.text += event.text
                 await self.send(
                     {
-                        "type": "response.tool_output.done",
+                        "type": "response.output_text.delta",
                         "response_id": self.response_id,
-                        "call_id": call.call_id,
-                        "name": call.name,
-                        "output": output,
+                        "delta": event.text,
                     }
                 )
-                self.output.append(
-                    {"type": "function_call_output", "call_id": call.call_id, "output": output}
-                )
-                await self.state.sessions.add_items(
-                    self.session,
-                    [
-                        {
-                            "role": "tool",
-                            "content": output,
-                            "tool_call_id": call.call_id,
-                            "name": call.name,
-                        }
-                    ],
-                )
-            tool_choice = "auto"  # like the Agents SDK: do not force a call forever
+            elif isinstance(event, ToolCallDone):
+                self._close_message()
+                await self._announce_call(event.call)
+            elif isinstance(event, ServerToolOutput):
+                await self._tool_output(event.call, event.output)
+            elif isinstance(event, Finished):
+                self._close_message()
+                self.status = STATUS_OF_FINISH[event.finish_reason]
+        if not generate:
+            self.status = "completed"
 
-    async def _generate_once(self, generate: bool, tool_choice: Any) -> list[ToolCall]:
-        tools = self.session.tools
-        parse = bool(tools) and tool_choice != "none"
-        parser = self.state.tools.parser() if parse else None
+    def _parser_for(self, tool_choice: Any) -> StreamingToolParser | None:
+        parse = bool(self.session.tools) and tool_choice != "none"
+        return self.state.tools.parser() if parse else None
+
+    def _round(self, tool_choice: Any, generate: bool) -> AsyncIterator[RequestOutput]:
         params = dataclasses.replace(
             self.params,
             logits_processors=self.state.tools.processors(
-                tools, tool_choice, self.params.max_tokens
+                self.session.tools, tool_choice, self.params.max_tokens
             ),
         )
-        text, calls = "", []
-        stream = self.state.sessions.generate(
-            self.session, params, waiting_for_tool=parse, record=generate
+        return self.state.sessions.generate(
+            self.session,
+            params,
+            waiting_for_tool=self._parser_for(tool_choice) is not None,
+            record=generate,
         )
-        async for out in stream:
-            events: list[Any] = (
-                [TextDelta(out.new_text)] if parser is None else parser.feed(out.new_text)
-            )
-            if out.finished and parser is not None:
-                events += parser.finish()
-            for event in events if generate else []:
-                if isinstance(event, TextDelta) and event.text:
-                    text += event.text
-                    await self.send(
-                        {
-                            "type": "response.output_text.delta",
-                            "response_id": self.response_id,
-                            "delta": event.text,
-                        }
-                    )
-                elif isinstance(event, ToolCallDone):
-                    calls.append(event.call)
-                    await self._announce_call(event.call)
-            if out.finished and out.finish_reason == "length":
-                self.status = "incomplete"
-        if text:
+
+    async def _run_python(self, call: ToolCall) -> str:
+        output = await self.state.tools.run_python(
+            self.session.session_id, call.arguments_json, owner=self.session.owner
+        )
+        await self.state.sessions.add_items(
+            self.session,
+            [{"role": "tool", "content": output, "tool_call_id": call.call_id, "name": call.name}],
+        )
+        return output
+
+    def _close_message(self) -> None:
+        if self.text:
             self.output.append(
                 {
                     "type": "message",
                     "role": "assistant",
-                    "content": [{"type": "output_text", "text": text}],
+                    "content": [{"type": "output_text", "text": self.text}],
                 }
             )
-        return calls
+            self.text = ""
+
+    async def _tool_output(self, call: ToolCall, output: str) -> None:
+        await self.send(
+            {
+                "type": "response.tool_output.done",
+                "response_id": self.response_id,
+                "call_id": call.call_id,
+                "name": call.name,
+                "output": output,
+            }
+        )
+        self.output.append(
+            {"type": "function_call_output", "call_id": call.call_id, "output": output}
+        )
 
     async def _announce_call(self, call: ToolCall) -> None:
         item = {

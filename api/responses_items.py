@@ -53,6 +53,12 @@ def input_to_messages(value: Any, event_id: str | None = None) -> list[dict[str,
             role = "system" if role == "developer" else role
             messages.append({"role": role, "content": _text_of(item.get("content"), event_id)})
         elif kind == "function_call":
+            if not all(isinstance(item.get(k), str) for k in ("call_id", "name", "arguments")):
+                raise ProtocolError(
+                    "invalid_request",
+                    "a function_call item needs string call_id, name and arguments",
+                    event_id,
+                )
             call = {
                 "id": item.get("call_id"),
                 "type": "function",
@@ -63,6 +69,12 @@ def input_to_messages(value: Any, event_id: str | None = None) -> list[dict[str,
             else:
                 messages.append({"role": "assistant", "content": "", "tool_calls": [call]})
         elif kind == "function_call_output":
+            if not isinstance(item.get("call_id"), str) or "output" not in item:
+                raise ProtocolError(
+                    "invalid_request",
+                    "a function_call_output item needs a string call_id and an output",
+                    event_id,
+                )
             output = item.get("output")
             if not isinstance(output, str):
                 output = json.dumps(output)

@@ -13,7 +13,7 @@ import secrets
 from typing import Any
 
 from api.errors import APIError
-from api.openai_params import sampling_from_openai
+from api.openai_params import sampling_from_fields
 from api.state import ServerState
 from api.tool_runtime import check_tool_choice, normalize_tools
 from engine.sampling_params import SamplingParams
@@ -27,15 +27,8 @@ def token_hash(token: str) -> str:
 def session_sampling(state: ServerState, config: dict[str, Any]) -> SamplingParams:
     """Sampling parameters of a session / response config; APIError for a bad value (so
     that a session default is refused when it is set, not at every later response)."""
-    body = {
-        "max_tokens": config.get("max_output_tokens"),
-        "temperature": config.get("temperature"),
-        "top_p": config.get("top_p"),
-        "seed": config.get("seed"),
-        "stop": config.get("stop"),
-    }
     check_tool_choice(None, config.get("tool_choice"))
-    return sampling_from_openai(body, state.limits.max_output_tokens, state.sampling_defaults)
+    return sampling_from_fields(config, state.limits.max_output_tokens, state.sampling_defaults)
 
 
 def open_session(state: ServerState, owner: str, config: dict[str, Any]) -> tuple[Session, str]:

@@ -13,7 +13,10 @@ from typing import Any
 
 import msgpack
 
+from api.errors import to_api_error
 from api.json_input import check_storable, parse_json
+from api.openai_params import RESPONSE_SAMPLING_FIELDS
+from sessions.errors import SessionMovedError
 
 MSGPACK_SUBPROTOCOL = "tarry.msgpack"
 AUTH_SUBPROTOCOL_PREFIX = "tarry.auth."
@@ -29,26 +32,8 @@ CLIENT_EVENTS = {
     "session.fork",
     "session.close",
 }
-SESSION_FIELDS = {
-    "instructions",
-    "tools",
-    "tool_choice",
-    "temperature",
-    "top_p",
-    "max_output_tokens",
-    "seed",
-    "stop",
-}
-RESPONSE_FIELDS = {
-    "max_output_tokens",
-    "temperature",
-    "top_p",
-    "seed",
-    "stop",
-    "tool_choice",
-    "generate",
-    "instructions",
-}
+SESSION_FIELDS = {"instructions", "tools", "tool_choice", *RESPONSE_SAMPLING_FIELDS}
+RESPONSE_FIELDS = {"tool_choice", "generate", "instructions", *RESPONSE_SAMPLING_FIELDS}
 
 
 class ProtocolError(Exception):
@@ -114,6 +99,8 @@ FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "temperature": (int, float),
     "top_p": (int, float),
     "stop": (str, list),
+    "ignore_eos": (bool,),
+    "logit_bias": (dict,),
 }
 
 
@@ -165,6 +152,21 @@ def error_event(
         "type": "error",
         "error": {"type": kind, "code": code, "message": message, "event_id": event_id},
     }
+
+
+def error_event_of(exc: Exception, event_id: str | None = None) -> dict[str, Any] | None:
+    """The ``error`` event of an exception a client event can cause (``ProtocolError`` or
+    anything ``api.errors.to_api_error`` maps), the same on every WebSocket surface;
+    ``session_moved`` carries the owner's URL as ``owner``. None for a bug."""
+    if isinstance(exc, ProtocolError):
+        return error_event(exc.code, exc.message, exc.event_id or event_id)
+    error = to_api_error(exc)
+    if error is None:
+        return None
+    event = error_event(error.code, error.message, event_id)
+    if isinstance(exc, SessionMovedError):
+        event["error"]["owner"] = exc.owner_url
+    return event
 
 
 def usage_of(usage: Any) -> dict[str, Any]:

@@ -19,11 +19,11 @@ from typing import Any
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from api.errors import APIError
 from api.response_run import ResponseRun
 from api.session_open import open_session, session_info, session_sampling, token_hash
 from api.state import ServerState
 from api.tool_runtime import normalize_tools
+from api.ws_auth import accept_authenticated
 from api.ws_protocol import (
     AUTH_SUBPROTOCOL_PREFIX,
     MSGPACK_SUBPROTOCOL,
@@ -31,17 +31,15 @@ from api.ws_protocol import (
     decode_frame,
     encode_frame,
     error_event,
+    error_event_of,
     item_to_message,
     session_config,
 )
-from engine.errors import InvalidRequestError
 from engine.sampling_params import SamplingParams
-from sessions.errors import SessionError, SessionMovedError
 from sessions.session import Session
 
 logger = logging.getLogger(__name__)
 
-CLOSE_AUTH = 4001
 CLOSE_IDLE = 4000
 CLOSE_RATE = 4008
 
@@ -70,13 +68,6 @@ class SessionConnection:
 
     async def send_error(self, code: str, message: str, event_id: str | None = None) -> None:
         await self.send(error_event(code, message, event_id))
-
-    async def send_session_error(self, exc: SessionError, event_id: str | None = None) -> None:
-        """An ``error`` event for a session error; ``session_moved`` carries the ``owner``."""
-        event = error_event(exc.code, str(exc), event_id)
-        if isinstance(exc, SessionMovedError):
-            event["error"]["owner"] = exc.owner_url
-        await self.send(event)
 
     # -- the receive loop -----------------------------------------------------------------
 
@@ -129,19 +120,12 @@ class SessionConnection:
             event = decode_frame(data, isinstance(data, bytes))
             event_id = event.get("event_id")
             await self._dispatch(event)
-        except ProtocolError as exc:
-            await self.send_error(exc.code, exc.message, exc.event_id or event_id)
-        except SessionError as exc:
-            await self.send_session_error(exc, event_id)
-        except APIError as exc:
-            await self.send_error(exc.code, exc.message, event_id)
-        except InvalidRequestError as exc:
-            await self.send_error("invalid_request", str(exc), event_id)
-        except Exception:  # a bug: report it, keep the connection and the session
-            logger.exception("event %s failed", event_id)
-            await self.send(
-                error_event("server_error", "the event failed", event_id, kind="server_error")
-            )
+        except Exception as exc:
+            error = error_event_of(exc, event_id)
+            if error is None:  # a bug: report it, keep the connection and the session
+                logger.exception("event %s failed", event_id)
+                error = error_event("server_error", "the event failed", event_id, "server_error")
+            await self.send(error)
 
     async def _dispatch(self, event: dict[str, Any]) -> None:
         kind = event["type"]
@@ -320,13 +304,7 @@ async def session_socket(websocket: WebSocket) -> None:
         if proto.startswith(AUTH_SUBPROTOCOL_PREFIX) and authorization is None:
             authorization = "Bearer " + proto[len(AUTH_SUBPROTOCOL_PREFIX) :]
     binary = MSGPACK_SUBPROTOCOL in offered
-    try:
-        owner = state.owner_for(authorization)
-    except APIError:
-        # Accepted first so that the client sees the close code (PROTOCOL.md: 4001), not a
-        # bare HTTP 403; no event is read from it.
-        await websocket.accept()
-        await websocket.close(CLOSE_AUTH, "invalid or missing API key")
-        return
-    await websocket.accept(subprotocol=MSGPACK_SUBPROTOCOL if binary else None)
-    await SessionConnection(websocket, state, owner, binary).serve()
+    subprotocol = MSGPACK_SUBPROTOCOL if binary else None
+    owner = await accept_authenticated(websocket, state, authorization, subprotocol)
+    if owner is not None:
+        await SessionConnection(websocket, state, owner, binary).serve()

@@ -165,6 +165,17 @@ def test_abandoned_requests_stop_within_a_step_on_every_surface(server: TarryPro
     assert session["num_turns"] == 0
     assert [item["role"] for item in session["items"]] == ["user"]
 
+    # 5. Responses API over HTTP, streamed: hang up after the first text delta. The stored
+    #    response's session is not left behind.
+    body = {"input": LONG_STORY, "max_output_tokens": 4096, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", url + "/v1/responses", json=body, headers=AUTH, timeout=60) as r:
+        for line in r.iter_lines():
+            if line == "event: response.output_text.delta":
+                break
+    assert_idle_soon(url, blocks_freed=False)
+    sessions = httpx.get(url + "/v1/sessions", headers=AUTH, timeout=5).json()["data"]
+    assert [s["id"] for s in sessions] == [session_id]
+
 
 def _lease_keys(redis_url: str) -> list[Any]:
     return list(redis.Redis.from_url(redis_url).scan_iter(match="*:lease:*"))
