@@ -69,6 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="session lease / instance registration TTL with --redis-url (failover delay)",
     )
     serve.add_argument(
+        "--owner-probe-timeout-s",
+        type=float,
+        default=0.75,
+        help="with --redis-url: a session's owner that does not answer its /health within "
+        "this is taken for dead, and the session is taken over at once",
+    )
+    serve.add_argument(
         "--shutdown-timeout-s",
         type=float,
         default=10.0,
@@ -283,6 +290,8 @@ def _serve(args: argparse.Namespace) -> int:
         raise ValueError(f"--api-key is required to listen on the non-loopback host {args.host}")
     if args.shutdown_timeout_s < 0:
         raise ValueError("--shutdown-timeout-s must be >= 0")
+    if args.owner_probe_timeout_s <= 0:
+        raise ValueError("--owner-probe-timeout-s must be > 0")
     if args.redis_cluster and not args.redis_url:
         raise ValueError("--redis-cluster needs --redis-url (one or more nodes of the cluster)")
     if args.redis_url:
@@ -302,6 +311,7 @@ def _serve(args: argparse.Namespace) -> int:
         ownership=args.redis_url is not None,
         advertise_url=args.advertise_url,
         lease_ttl_s=args.lease_ttl_s,
+        owner_probe_timeout_s=args.owner_probe_timeout_s,
         owner_key_secret=os.environ.get("TARRY_OWNER_KEY_SECRET", "").encode() or None,
         limits=Limits(
             header_timeout_s=args.header_timeout_s,
@@ -346,6 +356,7 @@ def _serve(args: argparse.Namespace) -> int:
         state.async_engine.shutdown()
         if state.sessions.ownership is not None:
             state.sessions.ownership.close()  # release leases: other instances take over now
+        state.sessions.records.close()
     exit_now(0)
 
 

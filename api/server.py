@@ -39,6 +39,8 @@ class ServeOptions:
     ownership: bool = False
     advertise_url: str | None = None  # where other instances send this one's clients
     lease_ttl_s: float = 10.0
+    # How long to wait for a lease holder's /health before taking its session over.
+    owner_probe_timeout_s: float = 0.75
     # Keys the owner hash stored in session records (TARRY_OWNER_KEY_SECRET); None = a plain
     # namespaced SHA-256. Instances sharing a Redis need the same value.
     owner_key_secret: bytes | None = None
@@ -112,7 +114,9 @@ def build_ownership(options: ServeOptions) -> SessionOwnership | None:
         return None
     client = connect_redis(options.redis_url, cluster=options.redis_cluster)
     url = options.advertise_url or f"http://{options.host}:{options.port}"
-    ownership = SessionOwnership(client, url, ttl_s=options.lease_ttl_s)
+    ownership = SessionOwnership(
+        client, url, ttl_s=options.lease_ttl_s, probe_timeout_s=options.owner_probe_timeout_s
+    )
     ownership.start()
     return ownership
 
@@ -153,3 +157,4 @@ class BackgroundServer:
         self.state.async_engine.shutdown()
         if self.state.sessions.ownership is not None:
             self.state.sessions.ownership.close()
+        self.state.sessions.records.close()

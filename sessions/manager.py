@@ -28,7 +28,7 @@ from sessions.errors import (
 )
 from sessions.history_budget import HistoryBudget, count_item_tokens, message_bytes, utf8_len
 from sessions.owner_keys import OwnerKeys
-from sessions.ownership import SessionOwnership
+from sessions.ownership import Owner, SessionOwnership
 from sessions.policy import PauseDecision, PausePolicy
 from sessions.prompt import common_prefix_len, render_conversation, turn_prompt
 from sessions.record_store import MemoryRecordStore, SessionRecordStore
@@ -104,13 +104,16 @@ class SessionManager:
         owner: str,
         migrate: bool = False,
         verify: Callable[[Session], None] | None = None,
+        unreachable_owner: str | None = None,
     ) -> Session:
         """The caller's session, from memory or (after a restart) from the record store.
 
         ``verify`` (e.g. a resume-token check) runs after the access check and before any lease
         is taken; it raises to refuse. With ownership configured, a session whose lease another
-        live instance holds raises ``SessionMovedError`` (carrying its URL) unless ``migrate``;
-        a dead owner's lease, or a live one's with ``migrate``, is taken over and the session
+        live instance holds raises ``SessionMovedError`` (carrying its URL and id) unless
+        ``migrate``, or the holder is ``unreachable_owner`` (probed dead by ``resume``), or the
+        holder advertises this instance's own URL (a previous process on this address: never
+        send a client to itself). Otherwise a dead owner's lease is taken over and the session
         loaded from its record (its KV restores through the tiers). Losing a take-over race
         raises ``SessionMovedError`` with the winner's URL.
         """
@@ -132,7 +135,7 @@ class SessionManager:
         if verify is not None:
             verify(session)
         if loaded:
-            self._claim(session_id, migrate)
+            self._claim(session_id, migrate, unreachable_owner)
             self._sessions[session_id] = session
         self._refresh_state(session)
         return session
@@ -164,7 +167,7 @@ class SessionManager:
         self.async_engine.submit(self.engine.unpin, session.session_id)
         self._sessions.pop(session.session_id, None)
 
-    def _claim(self, session_id: str, migrate: bool) -> None:
+    def _claim(self, session_id: str, migrate: bool, unreachable_owner: str | None) -> None:
         """Take the lease of a session loaded from its record, or raise SessionMovedError."""
         if self.ownership is None:
             return
@@ -176,15 +179,48 @@ class SessionManager:
         elif holder.instance_id == leases.me:
             leases.acquire(session_id)
             return
-        elif holder.alive and not migrate:
+        elif holder.alive and not migrate and not self._replaceable(holder, unreachable_owner):
             raise SessionMovedError(
-                f"session {session_id} is owned by the instance at {holder.url}", holder.url
+                f"session {session_id} is owned by the instance at {holder.url}",
+                holder.url,
+                holder.instance_id,
             )
         elif leases.take_over(session_id, holder.instance_id):
             return
         winner = leases.owner_of(session_id)
         url = winner.url if winner is not None else None
         raise SessionMovedError(f"session {session_id} was taken over by {url}", url)
+
+    def _replaceable(self, holder: Owner, unreachable_owner: str | None) -> bool:
+        """A live-registered owner that is nevertheless taken over: it did not answer a probe,
+        or it advertises our own URL (an earlier process on this address, now gone)."""
+        assert self.ownership is not None
+        return holder.instance_id == unreachable_owner or holder.url == self.ownership.url
+
+    async def resume(
+        self,
+        session_id: str,
+        owner: str,
+        migrate: bool = False,
+        verify: Callable[[Session], None] | None = None,
+    ) -> Session:
+        """``get`` for the event loop, with failover that does not wait for the lease TTL.
+
+        When another instance that is alive by its registration holds the session, its
+        address is probed off the loop (``SessionOwnership.owner_answers``). If it answers,
+        SessionMovedError (its URL) is raised as before; if it refuses or times out, its lease
+        is taken over at once (the same fenced compare-and-set as ``migrate``, so if yet
+        another instance took the lease meanwhile, this raises SessionMovedError naming it).
+        """
+        try:
+            return self.get(session_id, owner, migrate, verify)
+        except SessionMovedError as exc:
+            dead = exc.owner_id
+            if self.ownership is None or dead is None or exc.owner_url is None:
+                raise
+            if await asyncio.to_thread(self.ownership.owner_answers, exc.owner_url):
+                raise
+            return self.get(session_id, owner, migrate, verify, unreachable_owner=dead)
 
     def all_sessions(self) -> list[Session]:
         return list(self._sessions.values())
