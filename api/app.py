@@ -14,6 +14,7 @@ from api import inspector_routes, openai_http, sessions_http
 from api.body_limit import BodyLimitMiddleware
 from api.errors import APIError
 from api.inspector import InspectorHub
+from api.maintenance import lifespan
 from api.responses_ws import responses_socket
 from api.state import ServerState
 from api.ws_sessions import session_socket
@@ -31,6 +32,7 @@ async def health(request: Request) -> Response:
         "engine_running": state.async_engine.is_running,
         "tiers": tiers,
         "kv_pool_usage": round(state.async_engine.stats.kv_pool_usage, 4),
+        "session_records_dirty": state.sessions.records.num_dirty,
         "time": time.time(),
     }
     ownership = state.sessions.ownership
@@ -103,6 +105,7 @@ def build_app(state: ServerState) -> Starlette:
         ],
         exception_handlers={APIError: api_error, Exception: server_error},
         middleware=[Middleware(BodyLimitMiddleware, max_bytes=state.limits.max_frame_bytes)],
+        lifespan=lifespan,  # periodic session upkeep (api.maintenance)
     )
     app.state.tarry = state
     app.state.inspector = InspectorHub(state)  # samples only while a /ui page is open

@@ -83,6 +83,20 @@ def build_parser() -> argparse.ArgumentParser:
         "seconds, then cancel the rest and exit",
     )
     serve.add_argument(
+        "--session-idle-timeout-s",
+        type=float,
+        default=3600.0,
+        help="a session nobody touched for this long is evicted from memory with its python "
+        "sandbox (with --redis-url its record stays resumable; without, it is deleted)",
+    )
+    serve.add_argument(
+        "--max-sessions",
+        type=int,
+        default=4096,
+        help="sessions this server holds, all keys together; beyond it session.create fails "
+        "with server_session_limit",
+    )
+    serve.add_argument(
         "--host-kv-gib",
         type=float,
         default=1.0,
@@ -290,6 +304,8 @@ def _serve(args: argparse.Namespace) -> int:
         raise ValueError(f"--api-key is required to listen on the non-loopback host {args.host}")
     if args.shutdown_timeout_s < 0:
         raise ValueError("--shutdown-timeout-s must be >= 0")
+    if args.session_idle_timeout_s <= 0 or args.max_sessions < 1:
+        raise ValueError("--session-idle-timeout-s must be > 0 and --max-sessions >= 1")
     if args.owner_probe_timeout_s <= 0:
         raise ValueError("--owner-probe-timeout-s must be > 0")
     if args.redis_cluster and not args.redis_url:
@@ -322,6 +338,8 @@ def _serve(args: argparse.Namespace) -> int:
         generation_config=args.generation_config,
         override_generation_config=override,
         tool_call_parser=args.tool_call_parser,
+        session_idle_timeout_s=args.session_idle_timeout_s,
+        max_sessions=args.max_sessions,
     )
     state = build_state(engine, options)
     print(

@@ -49,6 +49,8 @@ class ServeOptions:
     generation_config: str = "auto"  # auto | vllm | none | a directory (engine.generation_config)
     override_generation_config: dict[str, Any] = field(default_factory=dict)
     tool_call_parser: ToolCallFormat | None = None  # None: chosen from the chat template
+    session_idle_timeout_s: float = 3600.0  # untouched sessions are evicted after this
+    max_sessions: int = 4096  # sessions in memory, all tenants together
 
 
 def build_state(engine: LLMEngine, options: ServeOptions) -> ServerState:
@@ -93,6 +95,8 @@ def build_state(engine: LLMEngine, options: ServeOptions) -> ServerState:
             records,
             ownership=ownership,
             owner_keys=OwnerKeys(options.owner_key_secret),
+            idle_timeout_s=options.session_idle_timeout_s,
+            max_sessions=options.max_sessions,
         ),
         model_name=served[0],
         tools=tools,
@@ -132,7 +136,7 @@ class BackgroundServer:
             port=port,
             log_level="warning",
             ws="websockets-sansio",
-            lifespan="off",
+            lifespan="on",  # the maintenance task (api.maintenance)
             **uvicorn_limits(state.limits),
         )
         self.server = uvicorn.Server(config)

@@ -25,6 +25,7 @@ from sessions.errors import (
     SessionClosedError,
     SessionMovedError,
     SessionNotFoundError,
+    TooManySessionsError,
 )
 from sessions.history_budget import HistoryBudget, count_item_tokens, message_bytes, utf8_len
 from sessions.owner_keys import OwnerKeys
@@ -50,6 +51,10 @@ class SessionManager:
     (called from tests and benchmarks, not from a handler). Errors are
     ``sessions.errors.SessionError`` subclasses and leave every session unchanged.
 
+    Abandoned sessions do not stay forever: ``expire_idle`` (run periodically by the server,
+    with ``enforce_policy_async``) evicts sessions untouched for ``idle_timeout_s``, and
+    ``create`` / ``fork`` refuse a session beyond ``max_sessions`` (TooManySessionsError).
+
     A session's history is bounded by ``budget`` (default: the engine's context length, see
     ``sessions.history_budget``); an item that would not fit is refused when it arrives. The
     async methods tokenize and render in a small dedicated thread pool, never on the loop.
@@ -64,6 +69,8 @@ class SessionManager:
         ownership: SessionOwnership | None = None,
         budget: HistoryBudget | None = None,
         owner_keys: OwnerKeys | None = None,
+        idle_timeout_s: float = 3600.0,
+        max_sessions: int = 4096,
     ) -> None:
         self.async_engine = async_engine
         self.engine = async_engine.engine
@@ -78,6 +85,8 @@ class SessionManager:
         self._tokenize_pool = ThreadPoolExecutor(NUM_TOKENIZE_WORKERS, "tarry-tokenize")
         # API key -> the owner id records store (a keyed hash; legacy clear-text records load).
         self.owner_keys = owner_keys or OwnerKeys()
+        self.idle_timeout_s = idle_timeout_s  # untouched this long: evicted by expire_idle
+        self.max_sessions = max_sessions  # in memory on this server, all tenants together
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -88,6 +97,8 @@ class SessionManager:
         tools: list[dict[str, Any]] | None = None,
         settings: dict[str, Any] | None = None,
     ) -> Session:
+        """A new session; TooManySessionsError when the server holds ``max_sessions``."""
+        self._check_capacity()
         session = Session(owner=owner, tools=list(tools or []), settings=dict(settings or {}))
         if instructions:
             self.budget.check_bytes(0, [{"role": "system", "content": instructions}])
@@ -138,7 +149,15 @@ class SessionManager:
             self._claim(session_id, migrate, unreachable_owner)
             self._sessions[session_id] = session
         self._refresh_state(session)
+        session.last_active_at = time.monotonic()  # touched: not idle (``expire_idle``)
         return session
+
+    def _check_capacity(self) -> None:
+        if len(self._sessions) >= self.max_sessions:
+            raise TooManySessionsError(
+                f"the server holds its maximum of {self.max_sessions} sessions; close one, "
+                "or retry later or on another instance"
+            )
 
     def _still_ours(self, session: Session) -> bool:
         """False when the heartbeat found this session's lease taken by another instance (a
@@ -292,6 +311,7 @@ class SessionManager:
         session.messages.extend(dict(item) for item in items)
         session.num_pending_tool_results += sum(1 for item in items if item["role"] == "tool")
         session.num_pending_tokens = num_pending
+        session.last_active_at = time.monotonic()
         self.records.save(session.to_record())
 
     async def prompt_for(
@@ -446,6 +466,7 @@ class SessionManager:
     def fork(self, session: Session) -> Session:
         """A copy-on-write child: same history, sharing every full KV block with the parent."""
         self._require_idle(session)
+        self._check_capacity()
         self._confirm_ownership(session)
         child = Session(
             owner=session.owner,
@@ -570,6 +591,78 @@ class SessionManager:
                 self.offload(session)
                 offloaded.append(session.session_id)
         return offloaded
+
+    async def enforce_policy_async(self, now: float | None = None) -> list[str]:
+        """``enforce_policy`` for the event loop (the server runs it periodically): each
+        session is marked OFFLOADED on the loop, so no turn can see it half-moved, and its KV
+        is moved by the engine thread between steps while the loop keeps serving."""
+        now = time.monotonic() if now is None else now
+        paused = sorted(
+            (s for s in self._sessions.values() if s.state is SessionState.PAUSED),
+            key=lambda s: s.last_active_at,
+        )
+        offloaded = []
+        for session in paused:
+            if session.state is not SessionState.PAUSED:  # changed while we awaited
+                continue
+            expired = session.keep_until <= now
+            pressure = self.engine.kv_usage() >= self.policy.pressure_threshold
+            if not (expired or pressure):
+                continue
+            session.keep_until = 0.0
+            session.transition(SessionState.OFFLOADED)
+            await self.async_engine.run_exclusive_async(
+                self._offload_kv, session.session_id, list(session.token_ids), session.cache_salt
+            )
+            offloaded.append(session.session_id)
+        return offloaded
+
+    def _offload_kv(self, session_id: str, token_ids: list[int], cache_salt: str) -> None:
+        """On the engine thread: write the context's cached blocks down a tier, drop the pin."""
+        self.engine.pin_tokens(session_id, token_ids, cache_salt)
+        self.engine.offload_pin(session_id)
+
+    async def expire_idle(self, now: float | None = None) -> list[str]:
+        """Evict every session not generating and untouched for ``idle_timeout_s``; returns
+        their ids (the caller closes their tool sandboxes).
+
+        An evicted session releases its device pin and its lease and leaves this server's
+        memory. Its record stays in a durable store (Redis: it can be resumed later, and
+        expires with the record's TTL); an in-memory record is deleted with it (nothing else
+        would ever free it), so it is gone like a closed session. A connection still bound to
+        it gets ``session_closed`` and may ``session.resume`` it where the record is durable.
+        """
+        now = time.monotonic() if now is None else now
+        idle = [
+            s
+            for s in self._sessions.values()
+            if s.state is not SessionState.ACTIVE and now - s.last_active_at >= self.idle_timeout_s
+        ]
+        for session in idle:
+            self.async_engine.submit(self.engine.unpin, session.session_id)
+            session.keep_until = 0.0
+            session.transition(SessionState.CLOSED)
+            self._sessions.pop(session.session_id, None)
+        if idle:
+            await asyncio.to_thread(self._release_evicted, [s.session_id for s in idle])
+        return [s.session_id for s in idle]
+
+    def _release_evicted(self, session_ids: list[str]) -> None:
+        """Redis round trips of ``expire_idle``, off the loop: leases, in-memory records."""
+        for session_id in session_ids:
+            if isinstance(self.records, MemoryRecordStore):
+                self.records.delete(session_id)
+            if self.ownership is not None:
+                self.ownership.leases.release(session_id)
+
+    def probe_unhealthy_tiers(self) -> None:
+        """Ping each KV tier that reported a failure, so that its health recovers without
+        waiting for traffic (blocking: call it off the loop)."""
+        store = self.engine.kv_store
+        for tier in getattr(store, "tiers", [store] if store is not None else []):
+            ping = getattr(tier, "ping", None)
+            if not getattr(tier, "healthy", True) and ping is not None:
+                ping()
 
     async def kv_location(self, session: Session) -> dict[str, int]:
         """Tokens of the session's history cached on the device and, after those, in the store."""
