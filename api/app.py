@@ -22,7 +22,8 @@ from sessions.session import SessionState
 
 
 async def health(request: Request) -> Response:
-    """Liveness and tier health; reads only snapshots, never waits for the engine."""
+    """Liveness and tier health; reads only snapshots, never waits for the engine (except
+    with ``?integrity=1``: ``SessionManager.integrity_report``)."""
     state: ServerState = request.app.state.tarry
     tiers = state.sessions.tier_health()
     status = "ok" if all(tiers.values()) else "degraded"
@@ -40,6 +41,10 @@ async def health(request: Request) -> Response:
         body["ownership"] = ownership.health()
         if not ownership.healthy:
             body["status"] = "degraded"
+    if request.query_params.get("integrity") == "1":
+        # Operators and soak runs: invariants and pool counts (waits for one engine step).
+        state.owner_for(request.headers.get("authorization"))  # a valid key, when keys are set
+        body["integrity"] = await state.sessions.integrity_report()
     return JSONResponse(body)
 
 

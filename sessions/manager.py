@@ -12,10 +12,12 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
 from typing import Any
 
 from engine.async_engine import AsyncEngine
 from engine.outputs import RequestOutput
+from engine.pool_stats import PoolStats
 from engine.sampling_params import SamplingParams
 from sessions.errors import (
     HistoryTooLongError,
@@ -703,6 +705,34 @@ class SessionManager:
             raise SessionBusyError(f"session {session.session_id} already has an active response")
         if session.state is SessionState.CLOSED:
             raise SessionClosedError(f"session {session.session_id} is closed")
+
+    async def integrity_report(self) -> dict[str, Any]:
+        """Engine invariants and device pool counts, from one engine critical section (waits
+        for the current step; for operators and soak benchmarks, not per request).
+        ``ok`` is False when an invariant fails or a pin belongs to no live session."""
+
+        def check() -> tuple[PoolStats, list[str], str | None]:
+            error = None
+            try:
+                self.engine.check_integrity()
+            except AssertionError as exc:
+                error = str(exc) or "an engine invariant failed"
+            return self.engine.pool_stats(), self.engine.pinned_owner_ids(), error
+
+        stats, pinned, error = await self.async_engine.run_exclusive_async(check)
+        orphans = sorted(
+            owner_id
+            for owner_id in pinned
+            if owner_id not in self._sessions
+            or self._sessions[owner_id].state is SessionState.CLOSED
+        )
+        return {
+            "ok": error is None and not orphans,
+            "error": error,
+            "orphan_pins": orphans,
+            "num_sessions": len(self._sessions),
+            "pool": asdict(stats),
+        }
 
     def check_integrity(self) -> None:
         """Every engine pin belongs to a live session; engine invariants hold."""

@@ -315,7 +315,9 @@ def test_cluster_down_at_start_up_degrades_then_recovers(tmp_path: Path) -> None
         session = Session(owner="tenant:local", messages=[{"role": "user", "content": "hi"}])
         assert ownership.leases.acquire(session.session_id)  # held locally meanwhile
         assert not records.save(session.to_record()) and not records.healthy
-        assert records.load(session.session_id) is None
+        # Not written yet: kept dirty, and served from memory (it is newer than Redis's).
+        assert records.num_dirty == 1
+        assert records.load(session.session_id) == session.to_record()
         assert not ownership.healthy
 
         for node in cluster.nodes:  # same ports and nodes.conf: the cluster re-forms
@@ -324,9 +326,12 @@ def test_cluster_down_at_start_up_degrades_then_recovers(tmp_path: Path) -> None
         assert client.get(session_lease_key("tarry", session.session_id)) == (
             ownership.instance_id.encode()
         )
+        wait_for(lambda: records.healthy, 10, "the dirty record written back")
+        assert client.get(session_record_key("tarry", session.session_id)) is not None
         assert records.save(session.to_record()) and records.healthy
         assert records.load(session.session_id) == session.to_record()
         ownership.close()
+        records.close()
     finally:
         cluster.stop()
 
