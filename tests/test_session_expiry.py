@@ -121,3 +121,15 @@ def test_paused_sessions_are_offloaded_past_the_keep_ttl(server: tuple[str, Serv
     finally:
         policy.turn_pause_s, policy.keep_ttl_s = saved
         client.close()
+
+
+def test_health_integrity_report_after_the_upkeep(server: tuple[str, ServerState]) -> None:
+    url, state = server
+    wait_for(lambda: not state.sessions.all_sessions(), 2 * IDLE_S + 2, "every session expired")
+    body = httpx.get(f"{url}/health", params={"integrity": "1"}, timeout=30).json()
+    report = body["integrity"]
+    assert report["ok"] and report["error"] is None and report["orphan_pins"] == []
+    assert report["num_sessions"] == 0
+    pool = report["pool"]
+    assert pool["num_pinned_blocks"] == 0 and pool["num_in_use_blocks"] == 0  # nothing leaked
+    assert "integrity" not in httpx.get(f"{url}/health").json()  # only when asked
