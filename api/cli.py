@@ -304,8 +304,10 @@ def _serve(args: argparse.Namespace) -> int:
         raise ValueError(f"--api-key is required to listen on the non-loopback host {args.host}")
     if args.shutdown_timeout_s < 0:
         raise ValueError("--shutdown-timeout-s must be >= 0")
-    if args.session_idle_timeout_s <= 0 or args.max_sessions < 1:
-        raise ValueError("--session-idle-timeout-s must be > 0 and --max-sessions >= 1")
+    if args.session_idle_timeout_s <= 0:
+        raise ValueError("--session-idle-timeout-s must be > 0")
+    if args.max_sessions < 1:
+        raise ValueError("--max-sessions must be >= 1")
     if args.owner_probe_timeout_s <= 0:
         raise ValueError("--owner-probe-timeout-s must be > 0")
     if args.redis_cluster and not args.redis_url:
