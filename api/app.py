@@ -14,6 +14,7 @@ from api import completions_http, inspector_routes, openai_http, responses_http,
 from api.body_limit import BodyLimitMiddleware
 from api.errors import APIError
 from api.inspector import InspectorHub
+from api.maintenance import lifespan
 from api.responses_ws import responses_socket
 from api.state import ServerState
 from api.surfaces import surface_app, surface_socket
@@ -22,7 +23,8 @@ from sessions.session import SessionState
 
 
 async def health(request: Request) -> Response:
-    """Liveness and tier health; reads only snapshots, never waits for the engine."""
+    """Liveness and tier health; reads only snapshots, never waits for the engine (except
+    with ``?integrity=1``: ``SessionManager.integrity_report``)."""
     state: ServerState = request.app.state.tarry
     tiers = state.sessions.tier_health()
     status = "ok" if all(tiers.values()) else "degraded"
@@ -32,6 +34,7 @@ async def health(request: Request) -> Response:
         "engine_running": state.async_engine.is_running,
         "tiers": tiers,
         "kv_pool_usage": round(state.async_engine.stats.kv_pool_usage, 4),
+        "session_records_dirty": state.sessions.records.num_dirty,
         "time": time.time(),
     }
     ownership = state.sessions.ownership
@@ -39,6 +42,10 @@ async def health(request: Request) -> Response:
         body["ownership"] = ownership.health()
         if not ownership.healthy:
             body["status"] = "degraded"
+    if request.query_params.get("integrity") == "1":
+        # Operators and soak runs: invariants and pool counts (waits for one engine step).
+        state.owner_for(request.headers.get("authorization"))  # a valid key, when keys are set
+        body["integrity"] = await state.sessions.integrity_report()
     return JSONResponse(body)
 
 
@@ -124,6 +131,7 @@ def build_app(state: ServerState) -> Starlette:
         ],
         exception_handlers={APIError: api_error, Exception: server_error},
         middleware=[Middleware(BodyLimitMiddleware, max_bytes=state.limits.max_frame_bytes)],
+        lifespan=lifespan,  # periodic session upkeep (api.maintenance)
     )
     app.state.tarry = state
     app.state.inspector = InspectorHub(state)  # samples only while a /ui page is open

@@ -70,11 +70,32 @@ def build_parser() -> argparse.ArgumentParser:
         help="session lease / instance registration TTL with --redis-url (failover delay)",
     )
     serve.add_argument(
+        "--owner-probe-timeout-s",
+        type=float,
+        default=0.75,
+        help="with --redis-url: a session's owner that does not answer its /health within "
+        "this is taken for dead, and the session is taken over at once",
+    )
+    serve.add_argument(
         "--shutdown-timeout-s",
         type=float,
         default=10.0,
         help="on SIGTERM, stop accepting and let running responses finish for up to this many "
         "seconds, then cancel the rest and exit",
+    )
+    serve.add_argument(
+        "--session-idle-timeout-s",
+        type=float,
+        default=3600.0,
+        help="a session nobody touched for this long is evicted from memory with its python "
+        "sandbox (with --redis-url its record stays resumable; without, it is deleted)",
+    )
+    serve.add_argument(
+        "--max-sessions",
+        type=int,
+        default=4096,
+        help="sessions this server holds, all keys together; beyond it session.create fails "
+        "with server_session_limit",
     )
     serve.add_argument(
         "--host-kv-gib",
@@ -296,6 +317,12 @@ def _serve(args: argparse.Namespace) -> int:
         raise ValueError(f"--api-key is required to listen on the non-loopback host {args.host}")
     if args.shutdown_timeout_s < 0:
         raise ValueError("--shutdown-timeout-s must be >= 0")
+    if args.session_idle_timeout_s <= 0:
+        raise ValueError("--session-idle-timeout-s must be > 0")
+    if args.max_sessions < 1:
+        raise ValueError("--max-sessions must be >= 1")
+    if args.owner_probe_timeout_s <= 0:
+        raise ValueError("--owner-probe-timeout-s must be > 0")
     if args.redis_cluster and not args.redis_url:
         raise ValueError("--redis-cluster needs --redis-url (one or more nodes of the cluster)")
     if args.redis_url:
@@ -315,6 +342,7 @@ def _serve(args: argparse.Namespace) -> int:
         ownership=args.redis_url is not None,
         advertise_url=args.advertise_url,
         lease_ttl_s=args.lease_ttl_s,
+        owner_probe_timeout_s=args.owner_probe_timeout_s,
         owner_key_secret=os.environ.get("TARRY_OWNER_KEY_SECRET", "").encode() or None,
         limits=Limits(
             header_timeout_s=args.header_timeout_s,
@@ -327,6 +355,8 @@ def _serve(args: argparse.Namespace) -> int:
         tool_call_parser=args.tool_call_parser,
         tool_workers=args.tool_workers,
         tool_workers_per_key=args.tool_workers_per_key,
+        session_idle_timeout_s=args.session_idle_timeout_s,
+        max_sessions=args.max_sessions,
     )
     state = build_state(engine, options)
     print(
@@ -361,6 +391,7 @@ def _serve(args: argparse.Namespace) -> int:
         state.async_engine.shutdown()
         if state.sessions.ownership is not None:
             state.sessions.ownership.close()  # release leases: other instances take over now
+        state.sessions.records.close()
     exit_now(0)
 
 

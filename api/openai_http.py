@@ -311,7 +311,7 @@ async def _session_source(
     """Generation bound to a session: ``messages`` are the NEW messages, appended to the
     session's history (which the server keeps, with its KV); the reply is recorded too."""
     try:
-        session = state.sessions.get(session_id, owner)
+        session = await state.sessions.resume(session_id, owner)
         if tools:
             state.sessions.update(session, tools=tools)
         await state.sessions.add_items(session, messages)

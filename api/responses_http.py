@@ -61,7 +61,7 @@ async def create_response(request: Request) -> Response:
     try:
         previous = None
         if parsed.previous_response_id is not None:
-            previous = find_response(
+            previous = await find_response(
                 state, owner, parsed.previous_response_id, "previous_response_id"
             )
         opened = await open_session(state, owner, parsed, previous)
@@ -114,7 +114,7 @@ async def get_response(request: Request) -> Response:
     state: ServerState = request.app.state.tarry
     owner = state.owner_for(request.headers.get("authorization"))
     try:
-        _, entry = find_response(state, owner, request.path_params["response_id"])
+        _, entry = await find_response(state, owner, request.path_params["response_id"])
     except Exception as exc:
         raise _api_error(exc, request) from exc
     return JSONResponse(entry["response"])
@@ -125,7 +125,7 @@ async def delete_response_route(request: Request) -> Response:
     owner = state.owner_for(request.headers.get("authorization"))
     response_id = request.path_params["response_id"]
     try:
-        session, _ = find_response(state, owner, response_id)
+        session, _ = await find_response(state, owner, response_id)
         delete_response(state, session, response_id)
     except Exception as exc:
         raise _api_error(exc, request) from exc

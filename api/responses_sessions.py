@@ -51,7 +51,7 @@ class OpenedSession:
     num_items_before: int
 
 
-def find_response(
+async def find_response(
     state: ServerState, owner: str, response_id: str, param: str | None = None
 ) -> tuple[Session, dict[str, Any]]:
     """The session and stored entry of ``response_id``; APIError 404 if there is none for
@@ -67,7 +67,7 @@ def find_response(
     if session_id is None:
         raise not_found
     try:
-        session = state.sessions.get(session_id, owner)
+        session = await state.sessions.resume(session_id, owner)
     except (SessionNotFoundError, SessionAccessError, SessionClosedError):
         raise not_found from None
     entry = session.settings.get(RESPONSES_KEY, {}).get(response_id)

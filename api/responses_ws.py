@@ -118,7 +118,7 @@ class ResponsesConnection:
                     "previous_response_not_found",
                     f"no response {request.previous_response_id!r} on this connection",
                 )
-            previous = find_response(
+            previous = await find_response(
                 self.state, self.owner, request.previous_response_id, "previous_response_id"
             )
         opened = await open_session(self.state, self.owner, request, previous)

@@ -41,6 +41,8 @@ class ServeOptions:
     ownership: bool = False
     advertise_url: str | None = None  # where other instances send this one's clients
     lease_ttl_s: float = 10.0
+    # How long to wait for a lease holder's /health before taking its session over.
+    owner_probe_timeout_s: float = 0.75
     # Keys the owner hash stored in session records (TARRY_OWNER_KEY_SECRET); None = a plain
     # namespaced SHA-256. Instances sharing a Redis need the same value.
     owner_key_secret: bytes | None = None
@@ -51,6 +53,8 @@ class ServeOptions:
     tool_call_parser: ToolCallFormat | None = None  # None: chosen from the chat template
     tool_workers: int = DEFAULT_TOOL_WORKERS  # threads for python tool calls
     tool_workers_per_key: int = DEFAULT_TOOL_WORKERS_PER_KEY  # most of them one key holds
+    session_idle_timeout_s: float = 3600.0  # untouched sessions are evicted after this
+    max_sessions: int = 4096  # sessions in memory, all tenants together
 
 
 def build_state(engine: LLMEngine, options: ServeOptions) -> ServerState:
@@ -98,6 +102,8 @@ def build_state(engine: LLMEngine, options: ServeOptions) -> ServerState:
             records,
             ownership=ownership,
             owner_keys=OwnerKeys(options.owner_key_secret),
+            idle_timeout_s=options.session_idle_timeout_s,
+            max_sessions=options.max_sessions,
         ),
         model_name=served[0],
         tools=tools,
@@ -120,7 +126,9 @@ def build_ownership(options: ServeOptions) -> SessionOwnership | None:
         return None
     client = connect_redis(options.redis_url, cluster=options.redis_cluster)
     url = options.advertise_url or f"http://{options.host}:{options.port}"
-    ownership = SessionOwnership(client, url, ttl_s=options.lease_ttl_s)
+    ownership = SessionOwnership(
+        client, url, ttl_s=options.lease_ttl_s, probe_timeout_s=options.owner_probe_timeout_s
+    )
     ownership.start()
     return ownership
 
@@ -136,7 +144,7 @@ class BackgroundServer:
             port=port,
             log_level="warning",
             ws="websockets-sansio",
-            lifespan="off",
+            lifespan="on",  # the maintenance task (api.maintenance)
             **uvicorn_limits(state.limits),
         )
         self.server = uvicorn.Server(config)
@@ -161,3 +169,4 @@ class BackgroundServer:
         self.state.async_engine.shutdown()
         if self.state.sessions.ownership is not None:
             self.state.sessions.ownership.close()
+        self.state.sessions.records.close()

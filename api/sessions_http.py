@@ -28,12 +28,13 @@ def session_summary(session: Session) -> dict[str, Any]:
     }
 
 
-def _owned(request: Request) -> tuple[ServerState, Session]:
-    """The caller's session; raises APIError: 404, or 307 to the instance that owns it."""
+async def _owned(request: Request) -> tuple[ServerState, Session]:
+    """The caller's session; raises APIError: 404, or 307 to the instance that owns it (an
+    owner that does not answer is taken over instead: ``SessionManager.resume``)."""
     state: ServerState = request.app.state.tarry
     owner = state.owner_for(request.headers.get("authorization"))
     try:
-        session = state.sessions.get(request.path_params["session_id"], owner)
+        session = await state.sessions.resume(request.path_params["session_id"], owner)
     except SessionMovedError as exc:
         raise session_moved(exc, request) from exc
     except SessionError as exc:
@@ -69,12 +70,12 @@ async def list_sessions(request: Request) -> Response:
 
 
 async def get_session(request: Request) -> Response:
-    _, session = _owned(request)
+    _, session = await _owned(request)
     return JSONResponse({**session_summary(session), "items": session.messages})
 
 
 async def delete_session(request: Request) -> Response:
-    state, session = _owned(request)
+    state, session = await _owned(request)
     try:
         state.sessions.close(session)
     except SessionMovedError as exc:  # taken over since it was loaded

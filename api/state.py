@@ -55,6 +55,7 @@ class ServerState:
     served_model_names: tuple[str, ...] = ()
     model_aliases: tuple[str, ...] = ()
     sampling_defaults: dict[str, Any] = field(default_factory=dict)
+    maintenance_interval_s: float = 1.0  # session policy and idle expiry (api.maintenance)
 
     def check_model(self, model: Any) -> None:
         """Raise APIError(404, ``model_not_found``) unless ``model`` is None or served here."""

@@ -185,7 +185,8 @@ class SessionConnection:
                     "session_not_found", f"no session {session_id!r}", event.get("event_id")
                 )
 
-        session = self.state.sessions.get(session_id, self.owner, migrate, check_token)
+        # An owner that does not answer is taken over at once (failover without the TTL).
+        session = await self.state.sessions.resume(session_id, self.owner, migrate, check_token)
         self.session = session
         await self.send({"type": "session.resumed", "session": self._session_info(session, None)})
 

@@ -40,10 +40,20 @@ class HistoryTooLongError(InvalidSessionInputError):
 
 
 class SessionMovedError(SessionError):
-    """Another live instance owns the session; ``owner_url`` is where to send the client."""
+    """Another live instance owns the session; ``owner_url`` is where to send the client.
+
+    ``owner_id`` is set when the owner is alive by its registration (the caller may probe
+    ``owner_url`` and, if nobody answers there, take the session over)."""
 
     code = "session_moved"
 
-    def __init__(self, message: str, owner_url: str | None) -> None:
+    def __init__(self, message: str, owner_url: str | None, owner_id: str | None = None) -> None:
         super().__init__(message)
         self.owner_url = owner_url
+        self.owner_id = owner_id
+
+
+class TooManySessionsError(SessionError):
+    """The server holds its maximum number of sessions (``--max-sessions``)."""
+
+    code = "server_session_limit"

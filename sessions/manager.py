@@ -12,10 +12,12 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
 from typing import Any
 
 from engine.async_engine import AsyncEngine
 from engine.outputs import RequestOutput
+from engine.pool_stats import PoolStats
 from engine.sampling_params import SamplingParams
 from sessions.errors import (
     HistoryTooLongError,
@@ -25,10 +27,11 @@ from sessions.errors import (
     SessionClosedError,
     SessionMovedError,
     SessionNotFoundError,
+    TooManySessionsError,
 )
 from sessions.history_budget import HistoryBudget, count_item_tokens, message_bytes, utf8_len
 from sessions.owner_keys import OwnerKeys
-from sessions.ownership import SessionOwnership
+from sessions.ownership import Owner, SessionOwnership
 from sessions.policy import PauseDecision, PausePolicy
 from sessions.prompt import common_prefix_len, render_conversation, turn_prompt
 from sessions.record_store import MemoryRecordStore, SessionRecordStore
@@ -50,6 +53,10 @@ class SessionManager:
     (called from tests and benchmarks, not from a handler). Errors are
     ``sessions.errors.SessionError`` subclasses and leave every session unchanged.
 
+    Abandoned sessions do not stay forever: ``expire_idle`` (run periodically by the server,
+    with ``enforce_policy_async``) evicts sessions untouched for ``idle_timeout_s``, and
+    ``create`` / ``fork`` refuse a session beyond ``max_sessions`` (TooManySessionsError).
+
     A session's history is bounded by ``budget`` (default: the engine's context length, see
     ``sessions.history_budget``); an item that would not fit is refused when it arrives. The
     async methods tokenize and render in a small dedicated thread pool, never on the loop.
@@ -64,6 +71,8 @@ class SessionManager:
         ownership: SessionOwnership | None = None,
         budget: HistoryBudget | None = None,
         owner_keys: OwnerKeys | None = None,
+        idle_timeout_s: float = 3600.0,
+        max_sessions: int = 4096,
     ) -> None:
         self.async_engine = async_engine
         self.engine = async_engine.engine
@@ -78,6 +87,8 @@ class SessionManager:
         self._tokenize_pool = ThreadPoolExecutor(NUM_TOKENIZE_WORKERS, "tarry-tokenize")
         # API key -> the owner id records store (a keyed hash; legacy clear-text records load).
         self.owner_keys = owner_keys or OwnerKeys()
+        self.idle_timeout_s = idle_timeout_s  # untouched this long: evicted by expire_idle
+        self.max_sessions = max_sessions  # in memory on this server, all tenants together
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -88,6 +99,8 @@ class SessionManager:
         tools: list[dict[str, Any]] | None = None,
         settings: dict[str, Any] | None = None,
     ) -> Session:
+        """A new session; TooManySessionsError when the server holds ``max_sessions``."""
+        self._check_capacity()
         session = Session(owner=owner, tools=list(tools or []), settings=dict(settings or {}))
         if instructions:
             self.budget.check_bytes(0, [{"role": "system", "content": instructions}])
@@ -104,13 +117,16 @@ class SessionManager:
         owner: str,
         migrate: bool = False,
         verify: Callable[[Session], None] | None = None,
+        unreachable_owner: str | None = None,
     ) -> Session:
         """The caller's session, from memory or (after a restart) from the record store.
 
         ``verify`` (e.g. a resume-token check) runs after the access check and before any lease
         is taken; it raises to refuse. With ownership configured, a session whose lease another
-        live instance holds raises ``SessionMovedError`` (carrying its URL) unless ``migrate``;
-        a dead owner's lease, or a live one's with ``migrate``, is taken over and the session
+        live instance holds raises ``SessionMovedError`` (carrying its URL and id) unless
+        ``migrate``, or the holder is ``unreachable_owner`` (probed dead by ``resume``), or the
+        holder advertises this instance's own URL (a previous process on this address: never
+        send a client to itself). Otherwise a dead owner's lease is taken over and the session
         loaded from its record (its KV restores through the tiers). Losing a take-over race
         raises ``SessionMovedError`` with the winner's URL.
         """
@@ -132,10 +148,18 @@ class SessionManager:
         if verify is not None:
             verify(session)
         if loaded:
-            self._claim(session_id, migrate)
+            self._claim(session_id, migrate, unreachable_owner)
             self._sessions[session_id] = session
         self._refresh_state(session)
+        session.last_active_at = time.monotonic()  # touched: not idle (``expire_idle``)
         return session
+
+    def _check_capacity(self) -> None:
+        if len(self._sessions) >= self.max_sessions:
+            raise TooManySessionsError(
+                f"the server holds its maximum of {self.max_sessions} sessions; close one, "
+                "or retry later or on another instance"
+            )
 
     def _still_ours(self, session: Session) -> bool:
         """False when the heartbeat found this session's lease taken by another instance (a
@@ -164,7 +188,7 @@ class SessionManager:
         self.async_engine.submit(self.engine.unpin, session.session_id)
         self._sessions.pop(session.session_id, None)
 
-    def _claim(self, session_id: str, migrate: bool) -> None:
+    def _claim(self, session_id: str, migrate: bool, unreachable_owner: str | None) -> None:
         """Take the lease of a session loaded from its record, or raise SessionMovedError."""
         if self.ownership is None:
             return
@@ -176,15 +200,48 @@ class SessionManager:
         elif holder.instance_id == leases.me:
             leases.acquire(session_id)
             return
-        elif holder.alive and not migrate:
+        elif holder.alive and not migrate and not self._replaceable(holder, unreachable_owner):
             raise SessionMovedError(
-                f"session {session_id} is owned by the instance at {holder.url}", holder.url
+                f"session {session_id} is owned by the instance at {holder.url}",
+                holder.url,
+                holder.instance_id,
             )
         elif leases.take_over(session_id, holder.instance_id):
             return
         winner = leases.owner_of(session_id)
         url = winner.url if winner is not None else None
         raise SessionMovedError(f"session {session_id} was taken over by {url}", url)
+
+    def _replaceable(self, holder: Owner, unreachable_owner: str | None) -> bool:
+        """A live-registered owner that is nevertheless taken over: it did not answer a probe,
+        or it advertises our own URL (an earlier process on this address, now gone)."""
+        assert self.ownership is not None
+        return holder.instance_id == unreachable_owner or holder.url == self.ownership.url
+
+    async def resume(
+        self,
+        session_id: str,
+        owner: str,
+        migrate: bool = False,
+        verify: Callable[[Session], None] | None = None,
+    ) -> Session:
+        """``get`` for the event loop, with failover that does not wait for the lease TTL.
+
+        When another instance that is alive by its registration holds the session, its
+        address is probed off the loop (``SessionOwnership.owner_answers``). If it answers,
+        SessionMovedError (its URL) is raised as before; if it refuses or times out, its lease
+        is taken over at once (the same fenced compare-and-set as ``migrate``, so if yet
+        another instance took the lease meanwhile, this raises SessionMovedError naming it).
+        """
+        try:
+            return self.get(session_id, owner, migrate, verify)
+        except SessionMovedError as exc:
+            dead = exc.owner_id
+            if self.ownership is None or dead is None or exc.owner_url is None:
+                raise
+            if await asyncio.to_thread(self.ownership.owner_answers, exc.owner_url):
+                raise
+            return self.get(session_id, owner, migrate, verify, unreachable_owner=dead)
 
     def all_sessions(self) -> list[Session]:
         return list(self._sessions.values())
@@ -256,6 +313,7 @@ class SessionManager:
         session.messages.extend(dict(item) for item in items)
         session.num_pending_tool_results += sum(1 for item in items if item["role"] == "tool")
         session.num_pending_tokens = num_pending
+        session.last_active_at = time.monotonic()
         self.records.save(session.to_record())
 
     async def prompt_for(
@@ -410,6 +468,7 @@ class SessionManager:
     def fork(self, session: Session) -> Session:
         """A copy-on-write child: same history, sharing every full KV block with the parent."""
         self._require_idle(session)
+        self._check_capacity()
         self._confirm_ownership(session)
         child = Session(
             owner=session.owner,
@@ -535,6 +594,78 @@ class SessionManager:
                 offloaded.append(session.session_id)
         return offloaded
 
+    async def enforce_policy_async(self, now: float | None = None) -> list[str]:
+        """``enforce_policy`` for the event loop (the server runs it periodically): each
+        session is marked OFFLOADED on the loop, so no turn can see it half-moved, and its KV
+        is moved by the engine thread between steps while the loop keeps serving."""
+        now = time.monotonic() if now is None else now
+        paused = sorted(
+            (s for s in self._sessions.values() if s.state is SessionState.PAUSED),
+            key=lambda s: s.last_active_at,
+        )
+        offloaded = []
+        for session in paused:
+            if session.state is not SessionState.PAUSED:  # changed while we awaited
+                continue
+            expired = session.keep_until <= now
+            pressure = self.engine.kv_usage() >= self.policy.pressure_threshold
+            if not (expired or pressure):
+                continue
+            session.keep_until = 0.0
+            session.transition(SessionState.OFFLOADED)
+            await self.async_engine.run_exclusive_async(
+                self._offload_kv, session.session_id, list(session.token_ids), session.cache_salt
+            )
+            offloaded.append(session.session_id)
+        return offloaded
+
+    def _offload_kv(self, session_id: str, token_ids: list[int], cache_salt: str) -> None:
+        """On the engine thread: write the context's cached blocks down a tier, drop the pin."""
+        self.engine.pin_tokens(session_id, token_ids, cache_salt)
+        self.engine.offload_pin(session_id)
+
+    async def expire_idle(self, now: float | None = None) -> list[str]:
+        """Evict every session not generating and untouched for ``idle_timeout_s``; returns
+        their ids (the caller closes their tool sandboxes).
+
+        An evicted session releases its device pin and its lease and leaves this server's
+        memory. Its record stays in a durable store (Redis: it can be resumed later, and
+        expires with the record's TTL); an in-memory record is deleted with it (nothing else
+        would ever free it), so it is gone like a closed session. A connection still bound to
+        it gets ``session_closed`` and may ``session.resume`` it where the record is durable.
+        """
+        now = time.monotonic() if now is None else now
+        idle = [
+            s
+            for s in self._sessions.values()
+            if s.state is not SessionState.ACTIVE and now - s.last_active_at >= self.idle_timeout_s
+        ]
+        for session in idle:
+            self.async_engine.submit(self.engine.unpin, session.session_id)
+            session.keep_until = 0.0
+            session.transition(SessionState.CLOSED)
+            self._sessions.pop(session.session_id, None)
+        if idle:
+            await asyncio.to_thread(self._release_evicted, [s.session_id for s in idle])
+        return [s.session_id for s in idle]
+
+    def _release_evicted(self, session_ids: list[str]) -> None:
+        """Redis round trips of ``expire_idle``, off the loop: leases, in-memory records."""
+        for session_id in session_ids:
+            if isinstance(self.records, MemoryRecordStore):
+                self.records.delete(session_id)
+            if self.ownership is not None:
+                self.ownership.leases.release(session_id)
+
+    def probe_unhealthy_tiers(self) -> None:
+        """Ping each KV tier that reported a failure, so that its health recovers without
+        waiting for traffic (blocking: call it off the loop)."""
+        store = self.engine.kv_store
+        for tier in getattr(store, "tiers", [store] if store is not None else []):
+            ping = getattr(tier, "ping", None)
+            if not getattr(tier, "healthy", True) and ping is not None:
+                ping()
+
     async def kv_location(self, session: Session) -> dict[str, int]:
         """Tokens of the session's history cached on the device and, after those, in the store."""
         on_device, in_store = await self.async_engine.run_exclusive_async(
@@ -574,6 +705,34 @@ class SessionManager:
             raise SessionBusyError(f"session {session.session_id} already has an active response")
         if session.state is SessionState.CLOSED:
             raise SessionClosedError(f"session {session.session_id} is closed")
+
+    async def integrity_report(self) -> dict[str, Any]:
+        """Engine invariants and device pool counts, from one engine critical section (waits
+        for the current step; for operators and soak benchmarks, not per request).
+        ``ok`` is False when an invariant fails or a pin belongs to no live session."""
+
+        def check() -> tuple[PoolStats, list[str], str | None]:
+            error = None
+            try:
+                self.engine.check_integrity()
+            except AssertionError as exc:
+                error = str(exc) or "an engine invariant failed"
+            return self.engine.pool_stats(), self.engine.pinned_owner_ids(), error
+
+        stats, pinned, error = await self.async_engine.run_exclusive_async(check)
+        orphans = sorted(
+            owner_id
+            for owner_id in pinned
+            if owner_id not in self._sessions
+            or self._sessions[owner_id].state is SessionState.CLOSED
+        )
+        return {
+            "ok": error is None and not orphans,
+            "error": error,
+            "orphan_pins": orphans,
+            "num_sessions": len(self._sessions),
+            "pool": asdict(stats),
+        }
 
     def check_integrity(self) -> None:
         """Every engine pin belongs to a live session; engine invariants hold."""

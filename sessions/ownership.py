@@ -10,6 +10,10 @@ Keys (``namespace`` defaults to ``tarry``; see ``sessions.redis_keys``):
 
 An owner is *alive* while its instance key exists. A dead owner's lease is replaced with
 ``take_over``, an atomic compare-and-set, so of two instances racing for it exactly one wins.
+An owner killed without a clean shutdown keeps its instance key until the TTL expires; so
+before sending a client to it, ``SessionOwnership.owner_answers`` probes its ``/health``
+(``probe_timeout_s``): an owner that refuses the connection or does not answer in time is
+treated as dead and taken over at once (``sessions.manager.SessionManager.resume``).
 
 Failure behaviour: no Redis error ever raises out of this module. Calls then answer as if this
 instance may serve the session (it keeps serving its local sessions), ``healthy`` turns False
@@ -19,9 +23,11 @@ of its sessions (if nobody else took them meanwhile) once Redis answers again.
 
 from __future__ import annotations
 
+import http.client
 import logging
 import secrets
 import threading
+import urllib.parse
 from dataclasses import dataclass
 from typing import Any
 
@@ -264,8 +270,10 @@ class SessionOwnership:
         ttl_s: float = 10.0,
         namespace: str = "tarry",
         instance_id: str | None = None,
+        probe_timeout_s: float = 0.75,
     ) -> None:
         ttl_ms = max(int(ttl_s * 1000), 300)
+        self.probe_timeout_s = probe_timeout_s
         self.registry = InstanceRegistry(client, url, instance_id, namespace, ttl_ms)
         self.leases = SessionLeases(client, self.registry, ttl_ms)
         self.interval_s = ttl_ms / 3000
@@ -284,6 +292,26 @@ class SessionOwnership:
     def healthy(self) -> bool:
         return self.registry.health.healthy and self.leases.health.healthy
 
+    def owner_answers(self, url: str) -> bool:
+        """Whether an instance answers ``GET {url}/health`` with 200 within ``probe_timeout_s``
+        (per socket operation). Blocks: call it off the event loop. A refused connection, a
+        timeout or anything but an HTTP 200 counts as "does not answer"."""
+        parts = urllib.parse.urlsplit(url)
+        if parts.hostname is None:
+            return False
+        https = parts.scheme == "https"
+        connection_class = http.client.HTTPSConnection if https else http.client.HTTPConnection
+        port = parts.port or (443 if https else 80)
+        connection = connection_class(parts.hostname, port, timeout=self.probe_timeout_s)
+        try:
+            connection.request("GET", "/health")
+            return connection.getresponse().status == 200
+        except (OSError, http.client.HTTPException) as exc:
+            logger.warning("owner at %s does not answer (%s): taking over", url, exc)
+            return False
+        finally:
+            connection.close()
+
     def start(self) -> None:
         self.registry.register()
         if self._thread is None:
@@ -299,7 +327,8 @@ class SessionOwnership:
         return self.leases.renew_all()
 
     def _heartbeat(self) -> None:
-        while not self._stop.wait(self.interval_s):
+        # While Redis is away, beat faster (at most every 0.5 s) so recovery shows promptly.
+        while not self._stop.wait(self.interval_s if self.healthy else min(self.interval_s, 0.5)):
             try:
                 lost = self.beat()
             except Exception:  # never let the heartbeat die

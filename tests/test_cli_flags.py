@@ -140,6 +140,10 @@ def test_bad_flag_values_exit_with_a_clear_error_before_loading(tmp_path):
     assert done.returncode == 2 and "neither a file nor a Jinja template" in done.stderr
     done = tarry("serve", "--max-num-seqs", "0")
     assert done.returncode == 2 and "max_num_seqs" in done.stderr
+    done = tarry("serve", "--max-sessions", "0")
+    assert done.returncode == 2 and "--max-sessions must be >= 1" in done.stderr
+    done = tarry("serve", "--owner-probe-timeout-s", "0")
+    assert done.returncode == 2 and "--owner-probe-timeout-s must be > 0" in done.stderr
 
 
 def test_generation_config_modes(tmp_path, smollm2):
