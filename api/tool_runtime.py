@@ -16,13 +16,16 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from api.errors import APIError
 from tools.render import ToolSchemaError, tool_call_format, validate_tools
 from tools.sandbox import PythonSandbox, SandboxResult
 from tools.streaming_parser import StreamingToolParser
 from tools.tool_call import ToolCallFormat
+
+if TYPE_CHECKING:
+    from tools.constrained import ToolCallConstrainer
 
 PYTHON_TOOL_NAME = "python"
 CLOSING_RESERVE = 16  # tokens kept to close a forced call: quotes, braces, </tool_call>, EOS
@@ -130,13 +133,23 @@ class ToolRuntime:
     _constrainer: Any = None
     _sandboxes: dict[str, PythonSandbox] = field(default_factory=dict)
 
-    @property
-    def call_format(self) -> ToolCallFormat:
-        """The format model output is parsed in: ``tool_call_parser``, else the template's."""
-        return self.tool_call_parser or tool_call_format(self.tokenizer)
+    def __post_init__(self) -> None:
+        # Chosen once: forced calls are written in the format the parser reads.
+        self.call_format: ToolCallFormat = self.tool_call_parser or tool_call_format(self.tokenizer)
 
     def parser(self) -> StreamingToolParser:
         return StreamingToolParser(self.call_format)
+
+    @property
+    def constrainer(self) -> ToolCallConstrainer:
+        """The grammar constrainer (built on first use), writing calls in ``call_format``."""
+        if self._constrainer is None:
+            from tools.constrained import ToolCallConstrainer
+
+            self._constrainer = ToolCallConstrainer(
+                self.tokenizer, self.vocab_size, self.stop_token_ids, call_format=self.call_format
+            )
+        return self._constrainer
 
     def processors(
         self, tools: list[dict[str, Any]], tool_choice: Any, max_tokens: int | None = None
@@ -149,14 +162,8 @@ class ToolRuntime:
         check_tool_choice(tools, tool_choice)
         if not tools or tool_choice in (None, "auto", "none"):
             return []
-        if self._constrainer is None:
-            from tools.constrained import ToolCallConstrainer
-
-            self._constrainer = ToolCallConstrainer(
-                self.tokenizer, self.vocab_size, self.stop_token_ids
-            )
         try:
-            processor = self._constrainer.processor_for(
+            processor = self.constrainer.processor_for(
                 tools,
                 tool_choice,
                 max_call_tokens=max(0, (max_tokens or 1 << 20) - CLOSING_RESERVE),

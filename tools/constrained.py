@@ -241,9 +241,7 @@ class ToolCallConstrainer:
             raise ToolSchemaError(f"schema is not JSON: {exc}") from exc
         compiled = self._compiled.get(key)
         if compiled is None:
-            grammar_text = output_grammar(
-                functions, answer, self.call_format, self.max_array_items
-            )
+            grammar_text = output_grammar(functions, answer, self.call_format, self.max_array_items)
             try:
                 grammar = xgr.Grammar.from_ebnf(grammar_text)
             except Exception as exc:  # xgrammar reports grammar errors as RuntimeError

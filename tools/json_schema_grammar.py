@@ -24,7 +24,8 @@ sentence is valid and generation terminates:
   ``ToolSchemaError`` (such values cannot be generated within a sane token budget).
 
 ``any_object_rule()`` adds a rule for any JSON object (``response_format`` ``json_object``):
-compact, string keys, values of any type, arrays of at most ``max_array_items`` items.
+string keys, values of any type, arrays of at most ``max_array_items`` items, no whitespace
+but one optional space after ``:`` and ``,``.
 
 Not enforced: ``multipleOf``, ``uniqueItems``, ``not``, ``if``/``then``/``else``,
 ``patternProperties``, ``prefixItems``, ``dependentRequired``. A schema that admits no value
@@ -68,7 +69,10 @@ _COMMON_RULES = {
 }
 _ANY_VALUE_RULES = {
     "json_any": "json_any_object | json_any_array | json_scalar",
-    "json_any_object": '"{" (json_string ": " json_any (", " json_string ": " json_any)*)? "}"',
+    # ":" and "," take an optional space: where the value's type is free, the forced text must
+    # end before the space, so the model can write it as part of its next token (' "', ' 1').
+    "json_any_object": '"{" (json_any_member ("," " "? json_any_member)*)? "}"',
+    "json_any_member": 'json_string ":" " "? json_any',
 }
 
 
@@ -132,7 +136,7 @@ class SchemaGrammarBuilder:
         """The rule for any JSON object (see the module docstring); return its name."""
         self._rules.update(_ANY_VALUE_RULES)
         limit = max(self.max_array_items - 1, 0)
-        self._rules["json_any_array"] = f'"[]" | "[" json_any (", " json_any){{0,{limit}}} "]"'
+        self._rules["json_any_array"] = f'"[]" | "[" json_any ("," " "? json_any){{0,{limit}}} "]"'
         return "json_any_object"
 
     def value_expr(self, schema: object, hint: str) -> str:
