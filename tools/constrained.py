@@ -53,6 +53,7 @@ from tools.json_schema_grammar import (
     SchemaGrammarBuilder,
     ToolSchemaError,
     ebnf_literal,
+    xgrammar_message,
 )
 from tools.tool_call import ToolCallFormat
 
@@ -245,11 +246,13 @@ class ToolCallConstrainer:
             try:
                 grammar = xgr.Grammar.from_ebnf(grammar_text)
             except Exception as exc:  # xgrammar reports grammar errors as RuntimeError
-                raise ToolSchemaError(f"could not build the output grammar: {exc}") from exc
+                message = xgrammar_message(exc)
+                raise ToolSchemaError(f"could not build the output grammar: {message}") from exc
             try:
                 compiled = self._compiler.compile_grammar(grammar)
             except Exception as exc:
-                raise ToolSchemaError(f"could not compile the output grammar: {exc}") from exc
+                message = xgrammar_message(exc)
+                raise ToolSchemaError(f"could not compile the output grammar: {message}") from exc
             if len(self._compiled) >= _MAX_CACHED_GRAMMARS:
                 self._compiled.pop(next(iter(self._compiled)))
             self._compiled[key] = compiled
@@ -288,7 +291,10 @@ def output_grammar(
         open_text, arguments_key, close_text = _CALL_HEADS[call_format]
         calls = []
         for idx, function in enumerate(functions):
-            args_rule = builder.schema_rule(function.parameters, f"args{idx}")
+            try:
+                args_rule = builder.schema_rule(function.parameters, f"args{idx}")
+            except ToolSchemaError as exc:
+                raise ToolSchemaError(f"parameters of function {function.name!r}: {exc}") from exc
             head = ebnf_literal(
                 f'{open_text}{{"name": {json.dumps(function.name)}, "{arguments_key}": '
             )

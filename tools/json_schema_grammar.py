@@ -55,6 +55,8 @@ _EBNF_TOKEN = re.compile(
     r"|[A-Za-z_][A-Za-z0-9_]*\b(?!\s*\()"  # rule name (not a builtin call such as Regex(...))
 )
 
+_XGRAMMAR_PREFIX = re.compile(r"^\[[0-9:]+\] \S+:\d+: ", re.MULTILINE)
+
 _COMMON_RULES = {
     # Strings as a right-recursive rule: xgrammar precomputes its token masks (~0.01 ms/token).
     "json_string": '"\\"" json_string_tail',
@@ -265,7 +267,9 @@ class SchemaGrammarBuilder:
         try:
             text = str(xgr.Grammar.from_json_schema(json.dumps(schema), any_whitespace=False))
         except Exception as exc:  # xgrammar raises RuntimeError/ValueError on bad schemas
-            raise ToolSchemaError(f"unsupported schema at {hint!r}: {exc}") from exc
+            raise ToolSchemaError(
+                f"unsupported schema {json.dumps(schema)} at {hint!r}: {xgrammar_message(exc)}"
+            ) from exc
         prefix = self.add_rule(f"{hint}_leaf", '""') + "_"
 
         def rename(match: re.Match[str]) -> str:
@@ -290,6 +294,11 @@ class SchemaGrammarBuilder:
             self._ref_rules[ref] = name
             self._rules[name] = self.value_expr(target, name)
         return self._ref_rules[ref]
+
+
+def xgrammar_message(exc: BaseException) -> str:
+    """xgrammar's error text without its ``[time] source.cc:line:`` prefix."""
+    return _XGRAMMAR_PREFIX.sub("", str(exc)).strip()
 
 
 def _count(schema: dict[str, Any], key: str, default: int) -> int:
