@@ -16,6 +16,7 @@ from api.disconnect import StreamingUntilDisconnect, aclose_quietly, run_until_d
 from api.errors import APIError, session_moved, to_api_error
 from api.json_input import check_storable, parse_json
 from api.openai_params import sampling_from_openai
+from api.response_format import response_format_processors
 from api.response_pipeline import (
     Finished,
     ResponseEvent,
@@ -222,6 +223,9 @@ async def chat_completions(request: Request) -> Response:
     tools = normalize_tools(body.get("tools"))
     tool_choice = body.get("tool_choice", "auto")
     params.logits_processors = state.tools.processors(tools, tool_choice, params.max_tokens)
+    params.logits_processors += response_format_processors(
+        state.tools, body.get("response_format"), tools, tool_choice, params.max_tokens
+    )
     engine = state.async_engine.engine
     include_usage = _include_usage(body.get("stream_options"))
     messages = chat_messages(body)

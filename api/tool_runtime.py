@@ -22,7 +22,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from api.errors import APIError
 from api.tool_pool import DEFAULT_TOOL_WORKERS, DEFAULT_TOOL_WORKERS_PER_KEY, KeyFairPool
@@ -30,6 +30,9 @@ from tools.render import ToolSchemaError, tool_call_format, validate_tools
 from tools.sandbox import PythonSandbox, SandboxLimits, SandboxResult
 from tools.streaming_parser import StreamingToolParser
 from tools.tool_call import ToolCallFormat
+
+if TYPE_CHECKING:
+    from tools.constrained import ToolCallConstrainer
 
 PYTHON_TOOL_NAME = "python"
 CLOSING_RESERVE = 16  # tokens kept to close a forced call: quotes, braces, </tool_call>, EOS
@@ -155,13 +158,23 @@ class ToolRuntime:
             self._pool = KeyFairPool(self.tool_workers, self.tool_workers_per_key)
         return self._pool
 
-    @property
-    def call_format(self) -> ToolCallFormat:
-        """The format model output is parsed in: ``tool_call_parser``, else the template's."""
-        return self.tool_call_parser or tool_call_format(self.tokenizer)
+    def __post_init__(self) -> None:
+        # Chosen once: forced calls are written in the format the parser reads.
+        self.call_format: ToolCallFormat = self.tool_call_parser or tool_call_format(self.tokenizer)
 
     def parser(self) -> StreamingToolParser:
         return StreamingToolParser(self.call_format)
+
+    @property
+    def constrainer(self) -> ToolCallConstrainer:
+        """The grammar constrainer (built on first use), writing calls in ``call_format``."""
+        if self._constrainer is None:
+            from tools.constrained import ToolCallConstrainer
+
+            self._constrainer = ToolCallConstrainer(
+                self.tokenizer, self.vocab_size, self.stop_token_ids, call_format=self.call_format
+            )
+        return self._constrainer
 
     def processors(
         self, tools: list[dict[str, Any]], tool_choice: Any, max_tokens: int | None = None
@@ -174,14 +187,8 @@ class ToolRuntime:
         check_tool_choice(tools, tool_choice)
         if not tools or tool_choice in (None, "auto", "none"):
             return []
-        if self._constrainer is None:
-            from tools.constrained import ToolCallConstrainer
-
-            self._constrainer = ToolCallConstrainer(
-                self.tokenizer, self.vocab_size, self.stop_token_ids
-            )
         try:
-            processor = self._constrainer.processor_for(
+            processor = self.constrainer.processor_for(
                 tools,
                 tool_choice,
                 max_call_tokens=max(0, (max_tokens or 1 << 20) - CLOSING_RESERVE),

@@ -105,12 +105,44 @@ def test_memory_budget_in_bytes_sizes_the_pool(smollm2):
 # -- the served API (issue 14, item 10): typed errors, never a 500 or a poisoned session --------
 
 KEY = "bad-input-key"
+
+
+def _tool(parameter: dict) -> dict:
+    """A function tool ``f`` with one required parameter ``x`` of schema ``parameter``."""
+    parameters = {"type": "object", "properties": {"x": parameter}, "required": ["x"]}
+    return {"type": "function", "function": {"name": "f", "parameters": parameters}}
+
+
+def _json_schema(schema: dict) -> dict:
+    return {
+        "response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}}
+    }
+
+
 HTTP_BAD_BODIES = [
     ({"seed": 2**64}, "seed"),
     ({"seed": -1}, "seed"),
     ({"stream": True, "stream_options": 5}, "stream_options"),
     ({"messages": [{"role": "assistant", "content": "", "tool_calls": "zzz"}]}, "tool_calls"),
     ({"tools": [{"type": "python"}], "tool_choice": 123}, "tool_choice"),
+    # issue 13, item 4: tool_choice and schemas that cannot be honoured
+    ({"tools": [{"type": "python"}], "tool_choice": {"function": {"name": "nope"}}}, "tool_choice"),
+    ({"tool_choice": "required"}, "tool_choice"),
+    ({"tools": [], "tool_choice": {"type": "function", "function": {"name": "f"}}}, "tool_choice"),
+    (
+        {"tools": [_tool({"type": "string", "pattern": "(ab"})], "tool_choice": "required"},
+        "pattern",
+    ),
+    ({"tools": [_tool({"type": "wat"})], "tool_choice": "f"}, "tool_choice"),
+    ({"tools": [_tool({"type": "string", "minLength": 10**6})], "tool_choice": "f"}, "minLength"),
+    ({"tools": [_tool({"$ref": "https://example.com/s.json"})], "tool_choice": "f"}, "$ref"),
+    ({"response_format": "json"}, "response_format"),
+    ({"response_format": {"type": "xml"}}, "response_format"),
+    ({"response_format": {"type": "json_schema", "json_schema": 5}}, "response_format"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"schema": []}}}, "schema"),
+    (_json_schema({"type": "string", "pattern": "[z-a]"}), "response_format"),
+    (_json_schema({"type": "object", "properties": {"a": False}, "required": ["a"]}), "schema"),
+    (_json_schema({"$ref": "#/$defs/missing"}), "$ref"),
 ]
 
 
@@ -156,6 +188,30 @@ def test_http_bad_values_get_typed_400s(server):
     assert "64 bits" in _assert_openai_error(completion)["message"]
     good = _chat(base_url, {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4})
     assert good.status_code == 200
+
+
+def test_forced_tool_with_a_pattern_follows_it(server):
+    """pydantic ``Field(pattern=...)`` in a forced tool's schema (it used to be a 500)."""
+    from pydantic import BaseModel, Field
+
+    class Booking(BaseModel):
+        code: str = Field(pattern=r"^[A-Z]{3}-\d{4}$")
+
+    tool = {
+        "type": "function",
+        "function": {"name": "f", "parameters": Booking.model_json_schema()},
+    }
+    body = {
+        "messages": [{"role": "user", "content": "Book flight ABC-1234."}],
+        "tools": [tool],
+        "tool_choice": "required",
+        "temperature": 0,
+        "max_tokens": 60,
+    }
+    reply = _chat(server[0], body)
+    assert reply.status_code == 200, reply.text
+    (call,) = reply.json()["choices"][0]["message"]["tool_calls"]
+    Booking.model_validate_json(call["function"]["arguments"])
 
 
 def test_websocket_bad_seed_and_lone_surrogate_leave_the_session_usable(server, redis_server):

@@ -16,7 +16,9 @@ from engine.sampling_params import SamplingParams
 from tests.helpers import make_engine
 from tools.constrained import (
     FunctionSpec,
+    JsonAnswer,
     ToolCallConstrainer,
+    output_grammar,
     parse_forced_tool_call,
     tool_call_grammar,
 )
@@ -339,3 +341,34 @@ def test_pattern_leaf_keeps_xgrammar_named_arguments():
     text = tool_call_grammar([FunctionSpec("book", schema)])
     assert "json_string=true" in text.replace(" ", "")
     xgr.Grammar.from_ebnf(text)  # raises on a malformed grammar
+
+
+def test_grammar_writes_each_call_format_and_json_answers():
+    """Forced calls in the format the parser reads (issue 13, item 5); JSON answers (item 3)."""
+    python = [FunctionSpec("python", PYTHON_PARAMS)]
+    info = xgr.TokenizerInfo(["a", "b"], vocab_type=xgr.VocabType.RAW)
+
+    def accepts(text: str, call_format="hermes", answer=None, functions=python) -> bool:
+        grammar = xgr.Grammar.from_ebnf(output_grammar(functions, answer, call_format))
+        matcher = xgr.GrammarMatcher(xgr.GrammarCompiler(info).compile_grammar(grammar))
+        return matcher.accept_string(text) and matcher.is_completed()
+
+    args = '{"code": "1+1"}'
+    assert accepts('{"name": "python", "parameters": ' + args + "}", "llama3_json")
+    assert not accepts('{"name": "python", "arguments": ' + args + "}", "llama3_json")
+    assert accepts('[TOOL_CALLS][{"name": "python", "arguments": ' + args + "}]", "mistral")
+    assert not accepts(_call("python", args), "mistral")
+    any_object = JsonAnswer(None)
+    assert accepts('{"a": [1, "x", {"b": null}],"c":true}', answer=any_object, functions=[])
+    assert not accepts("[1]", answer=any_object, functions=[])
+    assert not accepts('{"a":  1}', answer=any_object, functions=[])  # one space at most
+    answer = JsonAnswer({"type": "object", "properties": {"n": {"type": "integer"}}})
+    assert accepts(_call("python", args), answer=answer)  # "auto": a call or the answer
+    assert accepts('{"n": 3}', answer=answer) and accepts("{}", answer=answer)
+    # Two documents may define the same $defs name differently.
+    tool = {"$defs": {"T": {"type": "integer"}}, "properties": {"t": {"$ref": "#/$defs/T"}}}
+    own = {"$defs": {"T": {"type": "boolean"}}, "properties": {"t": {"$ref": "#/$defs/T"}}}
+    defs = [FunctionSpec("f", tool)]
+    assert accepts('{"t": true}', answer=JsonAnswer(own), functions=defs)
+    assert accepts(_call("f", '{"t": 1}'), answer=JsonAnswer(own), functions=defs)
+    assert not accepts('{"t": 1}', answer=JsonAnswer(own), functions=defs)

@@ -1,21 +1,24 @@
-"""Forced tool calls: constrained decoding for ``tool_choice`` "required" or a named function.
+"""Constrained output: forced tool calls (``tool_choice``) and JSON answers (``response_format``).
 
-Contract. ``ToolCallConstrainer(tokenizer, vocab_size, stop_token_ids)`` is built once per
-tokenizer (it precomputes the decoded vocabulary, ~0.2 s, and caches compiled grammars).
+Contract. ``ToolCallConstrainer(tokenizer, vocab_size, stop_token_ids, call_format)`` is built
+once per tokenizer (it precomputes the decoded vocabulary, ~0.2 s, and caches compiled grammars).
 ``processor_for(tools, tool_choice)`` returns a fresh ``ToolCallLogitsProcessor`` for ONE
-request (put it in ``SamplingParams.logits_processors``); with it the output is exactly::
+request (put it in ``SamplingParams.logits_processors``); with it the output is exactly one call
+written in ``call_format`` (the format the server's tool-call parser reads), then a stop token:
 
-    <tool_call>{"name": "<NAME>", "arguments": <ARGS>}</tool_call><stop token>
+- ``hermes``:      ``<tool_call>{"name": "<NAME>", "arguments": <ARGS>}</tool_call>``
+- ``llama3_json``: ``{"name": "<NAME>", "parameters": <ARGS>}``
+- ``mistral``:     ``[TOOL_CALLS][{"name": "<NAME>", "arguments": <ARGS>}]``
 
 where NAME is the named function (or, for "required", any of ``tools``) and ARGS is compact JSON
 valid against that function's ``parameters`` schema, within the subset described in
 ``tools.json_schema_grammar`` (arrays <= 16 items by default). Token-level matching is done by
 xgrammar over the tokenizer's vocabulary.
 
-Forced text (the tag, the name, property keys, punctuation: whatever the grammar allows in only
-one way) is emitted as the tokenizer's own encoding of it, token by token, rather than any
-character-by-character spelling the mask would allow: fewer steps, and text the model reads as
-it was trained.
+``answer_processor(answer, tools)`` constrains the output to one compact JSON value valid against
+``answer.schema`` (or any JSON object when the schema is None), then a stop token; with
+``tools`` the output may instead be one call to any of them (``tool_choice`` "auto" together with
+a ``response_format``: the model chooses, as with OpenAI).
 
 Termination: after ``max_call_tokens`` output tokens (default 512) the processor closes the call
 as fast as the grammar allows: whenever an allowed token consists only of ``"``, ``]`` and ``}``
@@ -27,8 +30,8 @@ Failure behaviour:
 - an unknown function name, a malformed ``tools`` list or an unusable schema raise
   ``ToolSchemaError`` (an ``InvalidRequestError``) before anything is submitted;
 - if ``max_tokens`` runs out first, the text is a truncated prefix of a call, and
-  ``parse_forced_tool_call`` reports it with ``complete=False`` (the Hermes parser in
-  the tool-call parser returns it as plain text with no call);
+  ``parse_forced_tool_call`` (Hermes format) reports it with ``complete=False`` (the
+  tool-call parser returns it as plain text with no call);
 - if the output leaves the grammar anyway (``ignore_eos`` after the call, or tokens the
   processor did not allow), the processor stops constraining and passes logits through; the
   parse of such text may fail (``complete=False``).
@@ -50,7 +53,9 @@ from tools.json_schema_grammar import (
     SchemaGrammarBuilder,
     ToolSchemaError,
     ebnf_literal,
+    xgrammar_message,
 )
+from tools.tool_call import ToolCallFormat
 
 TOOL_CALL_OPEN = "<tool_call>"
 TOOL_CALL_CLOSE = "</tool_call>"
@@ -62,6 +67,12 @@ _CLOSER_BYTES = frozenset(b'"]}')
 class FunctionSpec(NamedTuple):
     name: str
     parameters: dict[str, Any]
+
+
+class JsonAnswer(NamedTuple):
+    """A JSON answer (``response_format``): ``schema`` None means any JSON object."""
+
+    schema: dict[str, Any] | None
 
 
 class ParsedToolCall(NamedTuple):
@@ -135,7 +146,7 @@ class ToolCallConstrainer:
 
     ``vocab_size`` is the model's logits width (it may exceed the tokenizer's; the extra ids are
     never allowed). ``stop_token_ids`` are the ids allowed after the closing tag (the engine's
-    EOS ids). Not thread-safe.
+    EOS ids). ``call_format``: the format forced calls are written in. Not thread-safe.
     """
 
     def __init__(
@@ -145,7 +156,11 @@ class ToolCallConstrainer:
         stop_token_ids: Sequence[int],
         max_array_items: int = DEFAULT_MAX_ARRAY_ITEMS,
         max_call_tokens: int = DEFAULT_MAX_CALL_TOKENS,
+        call_format: ToolCallFormat = "hermes",
     ) -> None:
+        if call_format not in _CALL_HEADS:
+            raise ValueError(f"unknown tool call format {call_format!r}")
+        self.call_format: ToolCallFormat = call_format
         if not stop_token_ids:
             raise ValueError("stop_token_ids must not be empty: the call could never end")
         self.tokenizer_info = xgr.TokenizerInfo.from_huggingface(
@@ -183,8 +198,25 @@ class ToolCallConstrainer:
         chosen = _chosen_functions(functions, tool_choice)
         if chosen is None:
             return None
+        return self._processor(self.compiled_grammar(chosen), max_call_tokens)
+
+    def answer_processor(
+        self,
+        answer: JsonAnswer,
+        tools: list[dict[str, Any]] | None = None,
+        max_call_tokens: int | None = None,
+    ) -> ToolCallLogitsProcessor:
+        """A processor forcing a JSON answer (or, with ``tools``, one call to any of them).
+
+        Raises ``ToolSchemaError`` naming the problem when the schema cannot be compiled."""
+        functions = _function_specs(tools) if tools else []
+        return self._processor(self.compiled_grammar(functions, answer), max_call_tokens)
+
+    def _processor(
+        self, compiled: xgr.CompiledGrammar, max_call_tokens: int | None
+    ) -> ToolCallLogitsProcessor:
         return ToolCallLogitsProcessor(
-            self.compiled_grammar(chosen),
+            compiled,
             self.stop_token_ids,
             self.closer_mask,
             self.max_call_tokens if max_call_tokens is None else max_call_tokens,
@@ -195,44 +227,86 @@ class ToolCallConstrainer:
         token_ids = self._tokenizer.encode(text, add_special_tokens=False)
         return int(token_ids[0]) if token_ids else None
 
-    def compiled_grammar(self, functions: list[FunctionSpec]) -> xgr.CompiledGrammar:
-        """The compiled grammar of one call to any of ``functions`` (cached by content).
+    def compiled_grammar(
+        self, functions: list[FunctionSpec], answer: JsonAnswer | None = None
+    ) -> xgr.CompiledGrammar:
+        """The compiled grammar of one call to any of ``functions`` or the JSON ``answer``
+        (cached by content).
 
         Our own cache, keyed by the functions, rather than xgrammar's compiler cache (keyed by
         the grammar text): a hit here costs the key (~0.1-0.4 ms), a hit there also costs
         building the grammar text (~0.6-0.8 ms), measured with SmolLM2's tokenizer."""
-        key = json.dumps([list(f) for f in functions], sort_keys=True)
+        try:
+            key = json.dumps([[list(f) for f in functions], answer], sort_keys=True)
+        except (TypeError, ValueError) as exc:  # e.g. a circular schema built in-process
+            raise ToolSchemaError(f"schema is not JSON: {exc}") from exc
         compiled = self._compiled.get(key)
         if compiled is None:
-            grammar_text = tool_call_grammar(functions, self.max_array_items)
+            grammar_text = output_grammar(functions, answer, self.call_format, self.max_array_items)
             try:
                 grammar = xgr.Grammar.from_ebnf(grammar_text)
             except Exception as exc:  # xgrammar reports grammar errors as RuntimeError
-                raise ToolSchemaError(f"could not build the tool-call grammar: {exc}") from exc
+                message = xgrammar_message(exc)
+                raise ToolSchemaError(f"could not build the output grammar: {message}") from exc
             try:
                 compiled = self._compiler.compile_grammar(grammar)
             except Exception as exc:
-                raise ToolSchemaError(f"could not compile the tool-call grammar: {exc}") from exc
+                message = xgrammar_message(exc)
+                raise ToolSchemaError(f"could not compile the output grammar: {message}") from exc
             if len(self._compiled) >= _MAX_CACHED_GRAMMARS:
                 self._compiled.pop(next(iter(self._compiled)))
             self._compiled[key] = compiled
         return compiled
 
 
+# Per format: (text before the call's JSON, its arguments key, text after the call's JSON).
+_CALL_HEADS: dict[ToolCallFormat, tuple[str, str, str]] = {
+    "hermes": (TOOL_CALL_OPEN, "arguments", TOOL_CALL_CLOSE),
+    "llama3_json": ("", "parameters", ""),
+    "mistral": ("[TOOL_CALLS][", "arguments", "]"),
+}
+
+
 def tool_call_grammar(
-    functions: list[FunctionSpec], max_array_items: int = DEFAULT_MAX_ARRAY_ITEMS
+    functions: list[FunctionSpec],
+    max_array_items: int = DEFAULT_MAX_ARRAY_ITEMS,
+    call_format: ToolCallFormat = "hermes",
 ) -> str:
-    """EBNF (root rule ``root``) of ``<tool_call>{"name": ..., "arguments": ...}</tool_call>``."""
+    """EBNF (root rule ``root``) of one call in ``call_format`` (see the module docstring)."""
+    return output_grammar(functions, None, call_format, max_array_items)
+
+
+def output_grammar(
+    functions: list[FunctionSpec],
+    answer: JsonAnswer | None,
+    call_format: ToolCallFormat = "hermes",
+    max_array_items: int = DEFAULT_MAX_ARRAY_ITEMS,
+) -> str:
+    """EBNF (root rule ``root``): one call to any of ``functions`` or the JSON ``answer``."""
+    if not functions and answer is None:
+        raise ToolSchemaError("nothing to constrain: no function and no answer schema")
     builder = SchemaGrammarBuilder(max_array_items)
-    calls = []
-    for idx, function in enumerate(functions):
-        args_rule = builder.schema_rule(function.parameters, f"args{idx}")
-        head = ebnf_literal(
-            TOOL_CALL_OPEN + '{"name": ' + json.dumps(function.name) + ', "arguments": '
-        )
-        calls.append(builder.add_rule(f"call{idx}", f"{head} {args_rule} {ebnf_literal('}')}"))
-    body = f"({' | '.join(calls)}) {ebnf_literal(TOOL_CALL_CLOSE)}"
-    return f"root ::= {body}\n{builder.rules_text()}"
+    alternatives = []
+    if functions:
+        open_text, arguments_key, close_text = _CALL_HEADS[call_format]
+        calls = []
+        for idx, function in enumerate(functions):
+            try:
+                args_rule = builder.schema_rule(function.parameters, f"args{idx}")
+            except ToolSchemaError as exc:
+                raise ToolSchemaError(f"parameters of function {function.name!r}: {exc}") from exc
+            head = ebnf_literal(
+                f'{open_text}{{"name": {json.dumps(function.name)}, "{arguments_key}": '
+            )
+            tail = ebnf_literal("}" + close_text)
+            calls.append(builder.add_rule(f"call{idx}", f"{head} {args_rule} {tail}"))
+        alternatives.append(builder.add_rule("calls", " | ".join(calls)))
+    if answer is not None:
+        if answer.schema is None:
+            alternatives.append(builder.any_object_rule())
+        else:
+            alternatives.append(builder.schema_rule(answer.schema, "answer"))
+    return f"root ::= {' | '.join(alternatives)}\n{builder.rules_text()}"
 
 
 def parse_forced_tool_call(text: str) -> ParsedToolCall:

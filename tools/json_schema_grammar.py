@@ -19,7 +19,13 @@ sentence is valid and generation terminates:
   (``oneOf`` is not checked for exclusivity), ``allOf`` is merged shallowly, local ``$ref``
   (``#/$defs/..``, ``#/definitions/..``) becomes a rule, so recursive schemas work but are
   unbounded in depth;
-- a schema with no type and no structure keywords (``{}`` or ``true``) generates a scalar.
+- a schema with no type and no structure keywords (``{}`` or ``true``) generates a scalar;
+- ``minLength`` / ``minItems`` above ``MAX_BOUNDED_STRING_CHARS`` / ``MAX_MIN_ITEMS`` raise
+  ``ToolSchemaError`` (such values cannot be generated within a sane token budget).
+
+``any_object_rule()`` adds a rule for any JSON object (``response_format`` ``json_object``):
+string keys, values of any type, arrays of at most ``max_array_items`` items, no whitespace
+but one optional space after ``:`` and ``,``.
 
 Not enforced: ``multipleOf``, ``uniqueItems``, ``not``, ``if``/``then``/``else``,
 ``patternProperties``, ``prefixItems``, ``dependentRequired``. A schema that admits no value
@@ -36,6 +42,7 @@ from engine.errors import InvalidRequestError
 
 DEFAULT_MAX_ARRAY_ITEMS = 16
 MAX_BOUNDED_STRING_CHARS = 256
+MAX_MIN_ITEMS = 256
 
 _NUMERIC_BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
 _COMBINATORS = ("anyOf", "oneOf")
@@ -48,6 +55,8 @@ _EBNF_TOKEN = re.compile(
     r"|[A-Za-z_][A-Za-z0-9_]*\b(?!\s*\()"  # rule name (not a builtin call such as Regex(...))
 )
 
+_XGRAMMAR_PREFIX = re.compile(r"^\[[0-9:]+\] \S+:\d+: ", re.MULTILINE)
+
 _COMMON_RULES = {
     # Strings as a right-recursive rule: xgrammar precomputes its token masks (~0.01 ms/token).
     "json_string": '"\\"" json_string_tail',
@@ -59,6 +68,13 @@ _COMMON_RULES = {
     "json_bool": '"true" | "false"',
     "json_null": '"null"',
     "json_scalar": "json_string | json_number | json_bool | json_null",
+}
+_ANY_VALUE_RULES = {
+    "json_any": "json_any_object | json_any_array | json_scalar",
+    # ":" and "," take an optional space: where the value's type is free, the forced text must
+    # end before the space, so the model can write it as part of its next token (' "', ' 1').
+    "json_any_object": '"{" (json_any_member ("," " "? json_any_member)*)? "}"',
+    "json_any_member": 'json_string ":" " "? json_any',
 }
 
 
@@ -105,15 +121,25 @@ class SchemaGrammarBuilder:
         return name
 
     def schema_rule(self, schema: object, hint: str) -> str:
-        """A rule for a whole document schema (its ``$defs`` resolve ``$ref``); return its name."""
-        if isinstance(schema, dict):
-            self._root_schema = schema
+        """A rule for a whole document schema (its ``$defs`` resolve ``$ref``); return its name.
+
+        Each document has its own ``$ref`` namespace: two schemas may both define
+        ``#/$defs/Item`` differently."""
+        self._root_schema = schema if isinstance(schema, dict) else {}
+        self._ref_rules = {}
         try:
             return self.add_rule(hint, self.value_expr(schema, hint))
         except (TypeError, ValueError, AttributeError, RecursionError) as exc:
             if isinstance(exc, ToolSchemaError):
                 raise
             raise ToolSchemaError(f"malformed schema at {hint!r}: {exc!r}") from exc
+
+    def any_object_rule(self) -> str:
+        """The rule for any JSON object (see the module docstring); return its name."""
+        self._rules.update(_ANY_VALUE_RULES)
+        limit = max(self.max_array_items - 1, 0)
+        self._rules["json_any_array"] = f'"[]" | "[" json_any ("," " "? json_any){{0,{limit}}} "]"'
+        return "json_any_object"
 
     def value_expr(self, schema: object, hint: str) -> str:
         if schema is True or schema == {}:
@@ -206,6 +232,8 @@ class SchemaGrammarBuilder:
 
     def _array_expr(self, schema: dict[str, Any], hint: str) -> str:
         min_items = _count(schema, "minItems", 0)
+        if min_items > MAX_MIN_ITEMS:
+            raise ToolSchemaError(f"minItems above {MAX_MIN_ITEMS} is not supported at {hint!r}")
         max_items = min(_count(schema, "maxItems", self.max_array_items), self.max_array_items)
         max_items = max(max_items, min_items)
         if max_items == 0:
@@ -220,6 +248,10 @@ class SchemaGrammarBuilder:
         if "pattern" in schema or "format" in schema:
             return self._delegated_expr(schema, hint)
         min_chars = _count(schema, "minLength", 0)
+        if min_chars > MAX_BOUNDED_STRING_CHARS:
+            raise ToolSchemaError(
+                f"minLength above {MAX_BOUNDED_STRING_CHARS} is not supported at {hint!r}"
+            )
         if "maxLength" not in schema:
             if min_chars == 0:
                 return "json_string"
@@ -235,7 +267,9 @@ class SchemaGrammarBuilder:
         try:
             text = str(xgr.Grammar.from_json_schema(json.dumps(schema), any_whitespace=False))
         except Exception as exc:  # xgrammar raises RuntimeError/ValueError on bad schemas
-            raise ToolSchemaError(f"unsupported schema at {hint!r}: {exc}") from exc
+            raise ToolSchemaError(
+                f"unsupported schema {json.dumps(schema)} at {hint!r}: {xgrammar_message(exc)}"
+            ) from exc
         prefix = self.add_rule(f"{hint}_leaf", '""') + "_"
 
         def rename(match: re.Match[str]) -> str:
@@ -260,6 +294,11 @@ class SchemaGrammarBuilder:
             self._ref_rules[ref] = name
             self._rules[name] = self.value_expr(target, name)
         return self._ref_rules[ref]
+
+
+def xgrammar_message(exc: BaseException) -> str:
+    """xgrammar's error text without its ``[time] source.cc:line:`` prefix."""
+    return _XGRAMMAR_PREFIX.sub("", str(exc)).strip()
 
 
 def _count(schema: dict[str, Any], key: str, default: int) -> int:
