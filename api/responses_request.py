@@ -8,6 +8,7 @@ from typing import Any
 
 from api.errors import APIError
 from api.openai_params import sampling_from_fields
+from api.response_format import response_format_processors
 from api.responses_items import input_to_messages
 from api.state import ServerState
 from api.tool_runtime import check_tool_choice, normalize_tools
@@ -21,6 +22,7 @@ class ResponsesRequest:
     params: SamplingParams
     tools: list[dict[str, Any]]  # chat format (``api.tool_runtime.normalize_tools``)
     tool_choice: Any
+    text_format: Any  # ``text.format`` (json_object / json_schema constrain the output)
     messages: list[dict[str, Any]]  # the new input as chat messages
     instructions: str | None
     previous_response_id: str | None
@@ -40,9 +42,9 @@ def parse_responses_request(body: dict[str, Any], state: ServerState) -> Respons
     for name in ("store", "stream"):
         if body.get(name) is not None and not isinstance(body[name], bool):
             raise APIError(f"{name} must be a boolean", param=name)
-    _check_text_format(body.get("text"))
     params = sampling_from_fields(body, state.limits.max_output_tokens, state.sampling_defaults)
     tools = normalize_tools(body.get("tools"))
+    text_format = _text_format(state, body.get("text"), tools)
     tool_choice = body.get("tool_choice") or "auto"
     check_tool_choice(tools, tool_choice)
     if "input" not in body and previous is None:
@@ -56,6 +58,7 @@ def parse_responses_request(body: dict[str, Any], state: ServerState) -> Respons
         params=params,
         tools=tools,
         tool_choice=tool_choice,
+        text_format=text_format,
         messages=messages,
         instructions=instructions,
         previous_response_id=previous,
@@ -64,21 +67,13 @@ def parse_responses_request(body: dict[str, Any], state: ServerState) -> Respons
     )
 
 
-def _check_text_format(text: Any) -> None:
-    """Only plain text output for now. Hook point: structured output (``json_object``,
-    ``json_schema``) plugs in here once ``api.response_format`` builds logits processors
-    from a format; until then those formats are refused, never ignored."""
+def _text_format(state: ServerState, text: Any, tools: list[dict[str, Any]]) -> Any:
+    """The ``text.format`` object (None: plain text). A malformed format or a schema that
+    cannot be compiled is refused here (APIError 400), before any session is touched."""
     if text is None:
-        return
+        return None
     if not isinstance(text, dict):
         raise APIError("text must be an object", param="text")
-    fmt = text.get("format")
-    if fmt is None:
-        return
-    if not isinstance(fmt, dict) or fmt.get("type") != "text":
-        kind = fmt.get("type") if isinstance(fmt, dict) else fmt
-        raise APIError(
-            f"text.format {kind!r} is not supported yet; only {{'type': 'text'}} is",
-            code="unsupported_text_format",
-            param="text.format",
-        )
+    text_format = text.get("format")
+    response_format_processors(state.tools, text_format, tools, "auto", None, "text.format")
+    return text_format

@@ -20,6 +20,7 @@ from typing import Any
 
 from api.disconnect import aclose_quietly
 from api.openai_http import _generate as observed
+from api.response_format import response_format_processors
 from api.response_pipeline import Finished, response_events
 from api.responses_items import response_object
 from api.responses_render import ResponsesEmitter
@@ -52,6 +53,14 @@ async def response_stream(
             request.params,
             logits_processors=state.tools.processors(
                 request.tools, tool_choice, request.params.max_tokens
+            )
+            + response_format_processors(
+                state.tools,
+                request.text_format,
+                request.tools,
+                tool_choice,
+                request.params.max_tokens,
+                "text.format",
             ),
         )
         waiting = parser_for(tool_choice) is not None

@@ -168,7 +168,12 @@ def test_failed_requests_leave_no_session_and_bad_input_is_4xx(server, client):
         ({"input": [{"type": "image"}]}, 400, "input"),
         ({"input": "hi", "temperature": "hot"}, 400, "temperature"),
         ({"input": "hi", "top_k": "x"}, 400, "top_k"),
-        ({"input": "hi", "text": {"format": {"type": "json_object"}}}, 400, "text.format"),
+        ({"input": "hi", "text": {"format": {"type": "xml"}}}, 400, "text.format"),
+        (
+            {"input": "hi", "text": {"format": {"type": "json_schema", "schema": 3}}},
+            400,
+            "text.format",
+        ),
         ({"input": "hi", "tool_choice": {"type": "function", "name": "nope"}}, 400, "tool_choice"),
         ({"input": "hi", "previous_response_id": "resp_nope"}, 404, "previous_response_id"),
         ({"input": "hi", "model": "gpt-nope"}, 404, "model"),
@@ -298,3 +303,33 @@ def test_streamed_function_call_then_its_output(client):
     )
     assert answer.status == "completed" and answer.output_text
     assert answer.usage.input_tokens_details.cached_tokens >= context // 16 * 16
+
+
+def test_text_format_json_schema_constrains_the_output(client):
+    """``text.format`` (what ``client.responses.parse`` sends) is followed, not ignored."""
+    from pydantic import BaseModel
+
+    class City(BaseModel):
+        name: str
+        population: int
+
+    parsed = client.responses.parse(
+        model="tarry",
+        input="Describe Paris as JSON.",
+        text_format=City,
+        max_output_tokens=60,
+        temperature=0,
+    )
+    assert parsed.status == "completed", parsed.output_text
+    assert isinstance(parsed.output_parsed, City)
+    plain = client.responses.create(
+        model="tarry",
+        input="Give me a JSON object about Rome.",
+        text={"format": {"type": "json_object"}},
+        max_output_tokens=40,
+        temperature=0,
+    )
+    if plain.status == "completed":
+        assert isinstance(json.loads(plain.output_text), dict)
+    else:  # cut by max_output_tokens: still a JSON prefix
+        assert plain.output_text.lstrip().startswith("{")
