@@ -33,7 +33,7 @@ from starlette.responses import JSONResponse, Response
 from api.disconnect import StreamingUntilDisconnect, aclose_quietly, run_until_disconnect
 from api.errors import APIError
 from api.openai_http import _include_usage, _not_completed, read_json
-from api.openai_params import sampling_from_openai
+from api.openai_params import MAX_CHOICES, num_choices, sampling_from_openai
 from api.state import ServerState
 from api.stream_merge import merge_streams
 from engine.async_engine import EngineDeadError
@@ -41,7 +41,6 @@ from engine.errors import InvalidRequestError
 from engine.outputs import RequestOutput, TokenLogprob
 from sessions.errors import SessionError
 
-MAX_CHOICES = 64  # n times the number of prompts
 Stream = AsyncIterator[tuple[int, RequestOutput]]
 
 
@@ -144,7 +143,7 @@ async def completions(request: Request) -> Response:
     owner = state.owner_for(request.headers.get("authorization"))
     body = await read_json(request, state.limits.max_frame_bytes)
     state.check_model(body.get("model"))
-    n = _num_choices(body)
+    n = num_choices(body)
     echo = _flag(body, "echo")
     if body.get("suffix") is not None:
         raise APIError("suffix is not supported", param="suffix")
@@ -260,18 +259,6 @@ def _api_error(exc: BaseException) -> BaseException:
     if isinstance(exc, EngineDeadError):
         return APIError("the server is shutting down", code="server_shutting_down", status=503)
     return exc
-
-
-def _num_choices(body: dict[str, Any]) -> int:
-    n = body.get("n")
-    if n is None:
-        n = 1
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise APIError("n must be a positive integer", param="n")
-    best_of = body.get("best_of")
-    if best_of is not None and best_of != n:
-        raise APIError("best_of is not supported (only best_of equal to n)", param="best_of")
-    return n
 
 
 def _flag(body: dict[str, Any], name: str) -> bool:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import secrets
 import time
@@ -12,10 +13,11 @@ from typing import Any, TypeVar
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from api.chat_choices import signal_first_output, start_choices
 from api.disconnect import StreamingUntilDisconnect, aclose_quietly, run_until_disconnect
 from api.errors import APIError, session_moved, to_api_error
 from api.json_input import check_storable, parse_json
-from api.openai_params import sampling_from_openai
+from api.openai_params import MAX_CHOICES, num_choices, sampling_from_openai
 from api.response_format import response_format_processors
 from api.response_pipeline import (
     Finished,
@@ -202,38 +204,54 @@ class ChatCompletion(Completion):
             self.finish_reason = event.finish_reason
             self.pipeline_usage = event.usage
 
-    def usage(self) -> dict[str, Any]:
-        usage = self.pipeline_usage
-        return {
-            "prompt_tokens": usage.prompt_tokens,
-            "completion_tokens": usage.completion_tokens,
-            "total_tokens": usage.prompt_tokens + usage.completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
-        }
+    @classmethod
+    def choices(cls, model: str, n: int) -> list[ChatCompletion]:
+        """``n`` accumulators sharing one completion id and creation time."""
+        completions = [cls(model) for _ in range(n)]
+        for completion in completions[1:]:
+            completion.id, completion.created = completions[0].id, completions[0].created
+        return completions
 
 
 async def chat_completions(request: Request) -> Response:
     """Chat completions: the shared response pipeline (one round, the client runs every
-    tool), rendered as a ``chat.completion`` or its chunks."""
+    tool), rendered as a ``chat.completion`` or its chunks; ``n`` choices share the
+    prompt's KV (``api.chat_choices``)."""
     state: ServerState = request.app.state.tarry
     owner = state.owner_for(request.headers.get("authorization"))
     body = await read_json(request, state.limits.max_frame_bytes)
     state.check_model(body.get("model"))
-    params = sampling_from_openai(body, state.limits.max_output_tokens, state.sampling_defaults)
+    n = num_choices(body)
+    if n > MAX_CHOICES:
+        raise APIError(f"n may be at most {MAX_CHOICES}", param="n")
+    params = sampling_from_openai(
+        {**body, "n": None}, state.limits.max_output_tokens, state.sampling_defaults
+    )
     tools = normalize_tools(body.get("tools"))
     tool_choice = body.get("tool_choice", "auto")
-    params.logits_processors = state.tools.processors(tools, tool_choice, params.max_tokens)
-    params.logits_processors += response_format_processors(
-        state.tools, body.get("response_format"), tools, tool_choice, params.max_tokens
-    )
+
+    def choice_params(index: int) -> SamplingParams:
+        """Choice ``index``'s parameters, with logits processors of its own (they keep state)."""
+        choice = params.for_sequence(index)
+        choice.logits_processors = state.tools.processors(tools, tool_choice, params.max_tokens)
+        choice.logits_processors += response_format_processors(
+            state.tools, body.get("response_format"), tools, tool_choice, params.max_tokens
+        )
+        return choice
+
+    first_params = choice_params(0)  # checks tool_choice and response_format (400s)
     engine = state.async_engine.engine
     include_usage = _include_usage(body.get("stream_options"))
     messages = chat_messages(body)
     parse = bool(tools) and tool_choice != "none"
     session_id = request.headers.get(SESSION_HEADER)
     if session_id:
+        if n > 1:
+            raise APIError("n > 1 cannot continue a session (it keeps one reply)", param="n")
         try:
-            source = await _session_source(state, owner, session_id, messages, tools, params, parse)
+            first_source = await _session_source(
+                state, owner, session_id, messages, tools, first_params, parse
+            )
         except SessionMovedError as exc:
             raise session_moved(exc, request) from exc
     else:
@@ -241,49 +259,78 @@ async def chat_completions(request: Request) -> Response:
             prompt = await state.sessions.prompt_for(messages, tools or None)
         except SessionError as exc:
             raise APIError(str(exc), code=exc.code, param="messages") from exc
-        source = state.async_engine.generate(prompt, params, cache_salt=owner)
-    events = response_events(
-        lambda _tool_choice: _generate(state, source, "chat"),
-        lambda _tool_choice: state.tools.parser() if parse else None,
-        tool_choice,
+        first_source = state.async_engine.generate(prompt, first_params, cache_salt=owner)
+    prefilled = asyncio.Event()
+
+    def open_choice(index: int) -> AsyncIterator[ResponseEvent]:
+        source = (
+            signal_first_output(first_source, prefilled)
+            if index == 0
+            else state.async_engine.generate(prompt, choice_params(index), cache_salt=owner)
+        )
+        return response_events(
+            lambda _tool_choice: _generate(state, source, "chat"),
+            lambda _tool_choice: state.tools.parser() if parse else None,
+            tool_choice,
+        )
+
+    events = await run_until_disconnect(
+        request.receive, start_choices(open_choice, n, prefilled), state.stopping
     )
-    completion = ChatCompletion(state.model_name)
-    pulled = await run_until_disconnect(request.receive, _first_then_rest(events), state.stopping)
-    if pulled is None:
+    if events is None:
         return _not_completed(state)
-    first, stream = pulled
-    chained = _chain([first] if first else [], stream)
+    completions = ChatCompletion.choices(state.model_name, n)
     if body.get("stream"):
         return StreamingUntilDisconnect(
-            _chat_sse(completion, chained, include_usage, engine.tokenizer, params),
+            _chat_sse(completions, events, include_usage, engine.tokenizer, params),
             media_type="text/event-stream",
             stop=state.stopping,
         )
 
     async def collect() -> Response:
-        async for event in chained:
-            completion.add_event(event)
-        choice: dict[str, Any] = {
-            "index": 0,
-            "message": completion.message(),
-            "finish_reason": completion.finish_reason,
-            "logprobs": None,
-        }
-        if params.logprobs is not None:
-            choice["logprobs"] = _chat_logprobs(engine.tokenizer, completion.logprobs)
+        try:
+            async for index, event in events:
+                completions[index].add_event(event)
+        finally:
+            await aclose_quietly(events)
+        choices = []
+        for index, completion in enumerate(completions):
+            choice: dict[str, Any] = {
+                "index": index,
+                "message": completion.message(),
+                "finish_reason": completion.finish_reason,
+                "logprobs": None,
+            }
+            if params.logprobs is not None:
+                choice["logprobs"] = _chat_logprobs(engine.tokenizer, completion.logprobs)
+            choices.append(choice)
+        head = completions[0]
         return JSONResponse(
             {
-                "id": completion.id,
+                "id": head.id,
                 "object": "chat.completion",
-                "created": completion.created,
+                "created": head.created,
                 "model": state.model_name,
-                "choices": [choice],
-                "usage": completion.usage(),
+                "choices": choices,
+                "usage": _chat_usage(completions),
             }
         )
 
     result = await run_until_disconnect(request.receive, collect(), state.stopping)
     return result or _not_completed(state)
+
+
+def _chat_usage(completions: list[ChatCompletion]) -> dict[str, Any]:
+    """Usage of all choices: the prompt counted once (choice 0's cached tokens), the
+    completion tokens summed."""
+    head = completions[0].pipeline_usage
+    completion_tokens = sum(c.pipeline_usage.completion_tokens for c in completions)
+    return {
+        "prompt_tokens": head.prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": head.prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": head.cached_tokens},
+    }
 
 
 def _not_completed(state: ServerState) -> Response:
@@ -327,49 +374,55 @@ async def _session_source(
 
 
 async def _chat_sse(
-    completion: ChatCompletion,
-    events: AsyncIterator[ResponseEvent],
+    completions: list[ChatCompletion],
+    events: AsyncIterator[tuple[int, ResponseEvent]],
     include_usage: bool,
     tokenizer: Any,
     params: SamplingParams,
 ) -> AsyncIterator[str]:
-    def chunk(delta: dict[str, Any], finish: str | None, logprobs: Any = None) -> str:
+    """``chat.completion.chunk`` events: each choice's role first, then every choice's
+    deltas as they arrive (tagged with its ``index``), then the usage chunk if asked."""
+    head = completions[0]
+
+    def chunk(index: int, delta: dict[str, Any], finish: str | None, logprobs: Any = None) -> str:
         payload = {
-            "id": completion.id,
+            "id": head.id,
             "object": "chat.completion.chunk",
-            "created": completion.created,
-            "model": completion.model,
+            "created": head.created,
+            "model": head.model,
             "choices": [
-                {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": logprobs}
+                {"index": index, "delta": delta, "finish_reason": finish, "logprobs": logprobs}
             ],
         }
         if include_usage:
             payload["usage"] = None
         return f"data: {json.dumps(payload)}\n\n"
 
-    yield chunk({"role": "assistant", "content": ""}, None)
+    for index in range(len(completions)):
+        yield chunk(index, {"role": "assistant", "content": ""}, None)
     try:
-        async for event in events:
-            completion.add_event(event)
+        async for index, event in events:
+            completions[index].add_event(event)
             if isinstance(event, TextDelta):
                 logprobs = None
                 if params.logprobs is not None and event.logprobs:
                     logprobs = _chat_logprobs(tokenizer, event.logprobs)
-                yield chunk({"content": event.text}, None, logprobs)
+                yield chunk(index, {"content": event.text}, None, logprobs)
             elif isinstance(event, ToolCallDone):
-                yield chunk({"tool_calls": [openai_tool_call(event.call, event.index)]}, None)
+                call = openai_tool_call(event.call, event.index)
+                yield chunk(index, {"tool_calls": [call]}, None)
             elif isinstance(event, Finished):
-                yield chunk({}, event.finish_reason)
+                yield chunk(index, {}, event.finish_reason)
     finally:
-        await aclose_quietly(events)  # aborts the engine request if the client left
+        await aclose_quietly(events)  # aborts the engine requests if the client left
     if include_usage:
         usage = {
-            "id": completion.id,
+            "id": head.id,
             "object": "chat.completion.chunk",
-            "created": completion.created,
-            "model": completion.model,
+            "created": head.created,
+            "model": head.model,
             "choices": [],
-            "usage": completion.usage(),
+            "usage": _chat_usage(completions),
         }
         yield f"data: {json.dumps(usage)}\n\n"
     yield "data: [DONE]\n\n"

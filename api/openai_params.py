@@ -141,3 +141,19 @@ def sampling_from_fields(
             raise
         message = exc.message.replace("max_tokens", "max_output_tokens")  # this surface's name
         raise APIError(message, exc.code, exc.status, "max_output_tokens") from exc
+
+
+MAX_CHOICES = 64  # choices per request: n (times the number of prompts on /v1/completions)
+
+
+def num_choices(body: dict[str, Any]) -> int:
+    """``n``: how many choices to sample for each prompt (1 when left out); APIError else."""
+    n = body.get("n")
+    if n is None:
+        n = 1
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise APIError("n must be a positive integer", param="n")
+    best_of = body.get("best_of")
+    if best_of is not None and best_of != n:
+        raise APIError("best_of is not supported (only best_of equal to n)", param="best_of")
+    return n

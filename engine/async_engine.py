@@ -25,14 +25,14 @@ import queue
 import threading
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from engine.errors import InvalidRequestError
 from engine.generation_observer import GenerationObserver, GenerationStatus, GenerationTrace
 from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput
-from engine.sampling_params import MAX_SEED, SamplingParams
+from engine.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -154,7 +154,7 @@ class AsyncEngine:
         if n > 1 and params.logits_processors:
             raise InvalidRequestError("n > 1 cannot be combined with logits processors")
         base_id = request_id or f"req-{next(self._ids)}"
-        children = [params, *(_with_seed(params, i) for i in range(1, n))]
+        children = [params, *(params.for_sequence(i) for i in range(1, n))]
         ids = [f"{base_id}-{i}" for i in range(n)]
         stream = self._generate_group(prompt, children, ids, cache_salt)
         try:
@@ -338,12 +338,6 @@ class AsyncEngine:
         self._publish_stats()
         for stream in streams.values():
             _deliver(stream.loop, [(stream.queue, exc)])
-
-
-def _with_seed(params: SamplingParams, offset: int) -> SamplingParams:
-    """A copy of ``params`` for sequence ``offset`` of ``generate_n`` (seed + offset)."""
-    seed = None if params.seed is None else (params.seed + offset) % MAX_SEED
-    return replace(params, seed=seed, stop=list(params.stop))
 
 
 def _status_of(exc: BaseException) -> GenerationStatus:

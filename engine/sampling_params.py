@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Protocol
 
 from engine.errors import InvalidRequestError
@@ -84,6 +84,13 @@ class SamplingParams:
             or self.repetition_penalty != 1.0
             or self.logit_bias
         )
+
+    def for_sequence(self, index: int) -> SamplingParams:
+        """The parameters of sequence ``index`` of an ``n``-sequence request: a copy whose
+        seed is ``seed + index`` (wrapping at MAX_SEED) when a seed is given, so each choice
+        is reproducible on its own and differs from its siblings."""
+        seed = None if self.seed is None else (self.seed + index) % MAX_SEED
+        return replace(self, seed=seed, stop=list(self.stop))
 
     def validate(self) -> None:
         """Raise InvalidRequestError naming the first invalid field."""

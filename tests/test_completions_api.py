@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import httpx
@@ -140,3 +141,80 @@ def test_model_cards_and_unknown_models_are_404(server, client):
     assert caught.value.body["code"] == "model_not_found"
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="gpt-4o", prompt=FRANCE, max_tokens=2)
+
+
+def test_chat_n_choices_share_the_prompt_and_stream_by_index(server, client):
+    """Chat ``n``: the prompt computed once; greedy choices equal ``n=1``; choice i samples
+    with seed + i; streamed chunks carry each choice's index; forced calls per choice."""
+    base_url = server[0]
+    story = [{"role": "user", "content": "Tell a long tale of a sailor and a whale. " * 6}]
+    computed_before = metric(base_url, "tarry_prompt_tokens_computed_total")
+    three = client.chat.completions.create(
+        model="tarry", messages=story, n=3, max_tokens=6, temperature=0
+    )
+    computed = metric(base_url, "tarry_prompt_tokens_computed_total") - computed_before
+    num_prompt = three.usage.prompt_tokens
+    reused = (num_prompt - 1) // 16 * 16
+    assert computed == num_prompt + 2 * (num_prompt - reused)
+    assert three.usage.completion_tokens == 18
+    assert [c.index for c in three.choices] == [0, 1, 2]
+    one = client.chat.completions.create(model="tarry", messages=story, max_tokens=6, temperature=0)
+    assert [c.message.content for c in three.choices] == [one.choices[0].message.content] * 3
+
+    hello = [{"role": "user", "content": "Say something about Paris."}]
+
+    def sampled(n: int, seed: int) -> list[str]:
+        result = client.chat.completions.create(
+            model="tarry", messages=hello, n=n, max_tokens=8, temperature=1.0, seed=seed
+        )
+        return [c.message.content for c in result.choices]
+
+    seeded = sampled(3, 11)
+    assert [sampled(1, 11 + i)[0] for i in range(3)] == seeded
+    assert len(set(seeded)) > 1
+
+    texts = ["", ""]
+    finishes = [None, None]
+    stream = client.chat.completions.create(
+        model="tarry", messages=hello, n=2, max_tokens=8, temperature=1.0, seed=11, stream=True
+    )
+    for chunk in stream:
+        for choice in chunk.choices:
+            texts[choice.index] += choice.delta.content or ""
+            finishes[choice.index] = choice.finish_reason or finishes[choice.index]
+    assert texts == seeded[:2] and finishes == ["length", "length"]
+
+    tool = {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}},
+                "required": ["city"],
+            },
+        },
+    }
+    forced = client.chat.completions.create(
+        model="tarry",
+        messages=[{"role": "user", "content": "Weather in Oslo?"}],
+        tools=[tool],
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        n=2,
+        max_tokens=40,
+        temperature=1.0,
+        seed=3,
+    )
+    assert len(forced.choices) == 2
+    for choice in forced.choices:
+        assert choice.finish_reason == "tool_calls"
+        assert choice.message.tool_calls[0].function.name == "get_weather"
+        assert "city" in json.loads(choice.message.tool_calls[0].function.arguments)
+
+    for bad in ({"n": 0}, {"n": "two"}, {"n": 65}):
+        reply = httpx.post(
+            base_url + "/v1/chat/completions",
+            json={"model": "tarry", "messages": hello, "max_tokens": 2, **bad},
+            timeout=30,
+        )
+        assert reply.status_code == 400 and reply.json()["error"]["param"] == "n", reply.text
