@@ -116,6 +116,7 @@ class OffloadManager:
         self.loads: dict[str, PrefixLoad] = {}  # request id -> its prefix load
         self.restore_timeout_s = RESTORE_TIMEOUT_S
         self.num_failed_restores = 0  # loads that failed or timed out (prefix recomputed)
+        self.last_load_s = 0.0  # how long the last finished load took, start to scatter
         kv_manager.observe_evictions(self._note_eviction)
 
     def readable_store(self) -> KVStore | None:
@@ -403,6 +404,7 @@ class OffloadManager:
         num_tokens = len(load.blocks) * self.block_size
         load.request.num_restored_tokens += num_tokens
         self.num_restored_tokens += num_tokens
+        self.last_load_s = time.monotonic() - load.started
         load.state = "ready"
 
     def _fail(self, load: PrefixLoad, why: str) -> None:
