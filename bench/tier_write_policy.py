@@ -13,6 +13,7 @@ Prints, for each: wall time, tokens written to the tier, prompt tokens restored 
 recomputed. Usage:
 
     .venv/bin/python bench/tier_write_policy.py [--agents 6 --turns 5 --pool-tokens 3072]
+        [--rounds 2]   (alternates the order each round)
 """
 
 from __future__ import annotations
@@ -81,6 +82,8 @@ def run(loaded: LoadedModel, args: argparse.Namespace, write_through: bool) -> d
         "restored_tokens": engine.num_restored_tokens,
         "prompt_tokens": prompt_tokens,
         "recomputed_tokens": recomputed,
+        "evictions": engine.kv_manager.pool.num_evictions,
+        "preemptions": engine.scheduler.num_preemptions,
     }
 
 
@@ -92,16 +95,21 @@ def main() -> None:
     parser.add_argument("--system-words", type=int, default=300)
     parser.add_argument("--tool-words", type=int, default=120)
     parser.add_argument("--output-tokens", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=1, help="alternate the two this often")
     args = parser.parse_args()
     loaded = load_model(None, dtype="float32", device="cpu")
     run(loaded, argparse.Namespace(**{**vars(args), "agents": 1, "turns": 1}), False)  # warm-up
-    for name, write_through in (("write-back", False), ("write-through", True)):
-        r = run(loaded, args, write_through)
-        print(
-            f"{name:>13}: wall {r['wall_s']:.1f} s, written {r['written_tokens']} tokens, "
-            f"restored {r['restored_tokens']}, recomputed {r['recomputed_tokens']} of "
-            f"{r['prompt_tokens']} prompt tokens"
-        )
+    order = (("write-back", False), ("write-through", True))
+    for round_idx in range(args.rounds):
+        for name, write_through in order if round_idx % 2 == 0 else order[::-1]:
+            r = run(loaded, args, write_through)
+            print(
+                f"{name:>13}: wall {r['wall_s']:.1f} s, written {r['written_tokens']} tokens, "
+                f"restored {r['restored_tokens']}, recomputed {r['recomputed_tokens']} of "
+                f"{r['prompt_tokens']} prompt tokens; {r['evictions']} evictions, "
+                f"{r['preemptions']} preemptions",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -325,7 +325,7 @@ class AsyncEngine:
         scheduler = self.engine.scheduler
         self.stats = EngineStats(
             num_running=len(scheduler.running),
-            num_waiting=len(scheduler.waiting),
+            num_waiting=len(scheduler.waiting) + len(scheduler.loading),
             kv_pool_usage=self.engine.kv_manager.usage(),
             num_steps=self.engine.num_steps,
         )

@@ -175,6 +175,23 @@ class KVCacheManager:
             self.pool.cache_block(block, block_hash, tokens)
         return blocks
 
+    def allocate_held(self, num_blocks: int) -> list[KVBlock] | None:
+        """Take ``num_blocks`` uncached blocks, held (one reference each) until ``release``,
+        for KV that arrives later (an asynchronous restore); None if too few are free. Index
+        them with ``index_blocks`` once their KV is written."""
+        return self.pool.allocate(num_blocks)
+
+    def index_blocks(
+        self,
+        blocks: Sequence[KVBlock],
+        block_hashes: Sequence[BlockHash],
+        token_ids: Sequence[Sequence[int]],
+    ) -> None:
+        """Index filled blocks as cached under their hashes and tokens (a hash another block
+        already holds keeps that block; see ``BlockPool.cache_block``)."""
+        for block, block_hash, tokens in zip(blocks, block_hashes, token_ids, strict=True):
+            self.pool.cache_block(block, block_hash, tokens)
+
     def observe_evictions(self, on_evict: Callable[[KVBlock], None]) -> None:
         """Have ``on_evict(block)`` called whenever a cached block is about to be reused
         (see ``BlockPool``); the block's KV is intact until the step that reuses it runs."""

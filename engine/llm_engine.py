@@ -34,6 +34,7 @@ from engine.step_inputs import SeqChunk
 
 logger = logging.getLogger(__name__)
 OPEN_ENDED_LOG_EVERY = 1024  # log an open-ended request's progress every this many tokens
+LOAD_WAIT_S = 0.02  # an idle step waits this long at most for a prefix load (then polls again)
 
 
 class OpenEndedLoad(NamedTuple):
@@ -106,6 +107,8 @@ class LLMEngine:
             reclaim=self.offload.reclaim,
             on_preempt=self.offload.swap_out,
             restore=self.offload.restore_prefix,
+            poll_restores=self.offload.poll_restores,
+            cancel_restore=self.offload.cancel_restore,
         )
         self.num_open_ended_requests = 0  # admitted without max_tokens, since start
         model_max = getattr(loaded.config, "max_position_embeddings", None) or 1 << 30
@@ -222,6 +225,8 @@ class LLMEngine:
         schedule = self.scheduler.schedule()  # restores each admitted request's prefix first
         self.offload.write_back_evicted()  # before the forward pass overwrites them
         if not schedule.scheduled:
+            if self.scheduler.loading:  # only prefix loads to wait for: sleep, do not spin
+                self.offload.wait_for_loads(LOAD_WAIT_S)
             return []
         chunks = [
             SeqChunk(
@@ -434,7 +439,7 @@ class LLMEngine:
             num_pinned_blocks=num_pinned,
             num_in_use_blocks=pool.num_blocks - num_free - num_pinned,
             num_running_requests=len(self.scheduler.running),
-            num_waiting_requests=len(self.scheduler.waiting),
+            num_waiting_requests=len(self.scheduler.waiting) + len(self.scheduler.loading),
             prefix_query_tokens=manager.num_prefix_queries,
             prefix_hit_tokens=manager.num_prefix_hits,
             restored_tokens=self.num_restored_tokens,
@@ -460,9 +465,10 @@ class LLMEngine:
         return [merged[request_id] for request_id in ids]
 
     def check_integrity(self) -> None:
-        self.scheduler.check_integrity(self.offload.pinned_block_lists())
+        self.scheduler.check_integrity(self.offload.held_block_lists())
         self.offload.check_integrity()
-        live = {r.request_id for r in (*self.scheduler.running, *self.scheduler.waiting)}
+        scheduler = self.scheduler
+        live = {r.request_id for r in (*scheduler.running, *scheduler.waiting, *scheduler.loading)}
         assert live == set(self._states), "engine request states drifted from the scheduler"
 
 

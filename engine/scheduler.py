@@ -5,6 +5,11 @@ request what it still needs (one token for a decode, a chunk of the prompt for a
 the token budget lasts, then admits waiting requests. When blocks run out, the most recently
 admitted running request is preempted: its blocks are freed (its full blocks stay in the prefix
 cache until evicted) and it goes back to the head of the waiting queue to be recomputed.
+
+A waiting request whose prefix a lower tier holds may be parked in ``loading`` while that
+prefix is read (asynchronously, see ``OffloadManager``); the batch keeps stepping, and once
+the load finished (or failed) the request is admitted first, with its restored blocks as
+prefix hits (or recomputing them).
 """
 
 from __future__ import annotations
@@ -48,7 +53,9 @@ class Scheduler:
         max_num_seqs: int,
         reclaim: Callable[[int], bool] | None = None,
         on_preempt: Callable[[Request], None] | None = None,
-        restore: Callable[[Request, int], list[KVBlock]] | None = None,
+        restore: Callable[[Request, int], list[KVBlock] | None] | None = None,
+        poll_restores: Callable[[], list[Request]] | None = None,
+        cancel_restore: Callable[[Request], None] | None = None,
     ) -> None:
         """``reclaim(num_blocks)`` is asked to free pinned blocks before any running request is
         preempted (returns True if it freed something); ``on_preempt(request)`` runs before a
@@ -56,7 +63,12 @@ class Scheduler:
         ``restore(request, budget)`` runs right before a waiting request is admitted (with
         this step's remaining token budget), to bring blocks of its prefix back from a lower
         tier: it returns them cached and held (one reference each), and the scheduler releases
-        them once admission took its own references."""
+        them once admission took its own references; or None when it started a load: the
+        request is parked in ``loading`` until ``poll_restores()`` (called at the start of
+        every ``schedule``) returns it, then admitted before the waiting requests
+        (``restore`` then hands over the loaded blocks, or [] after a failed load).
+        ``cancel_restore(request)`` runs for every finished request (it drops a load the
+        request may still have)."""
         if max_num_batched_tokens <= 0 or max_num_seqs <= 0:
             raise ValueError("max_num_batched_tokens and max_num_seqs must be positive")
         self.kv_manager = kv_manager
@@ -65,8 +77,12 @@ class Scheduler:
         self.reclaim = reclaim
         self.on_preempt = on_preempt
         self.restore = restore
+        self.poll_restores = poll_restores
+        self.cancel_restore = cancel_restore
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        self.loading: list[Request] = []  # parked for a prefix load, in order
+        self._loads_done: set[str] = set()  # of which those whose load finished
         self.num_preemptions = 0
 
     def add_request(self, request: Request) -> None:
@@ -74,9 +90,11 @@ class Scheduler:
         self.waiting.append(request)
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.loading)
 
     def schedule(self) -> SchedulerOutput:
+        if self.loading and self.poll_restores is not None:
+            self._loads_done.update(request.request_id for request in self.poll_restores())
         budget = self.max_num_batched_tokens
         scheduled: list[ScheduledRequest] = []
         preempted: list[Request] = []
@@ -115,23 +133,64 @@ class Scheduler:
         held = self.kv_manager.num_blocks_held(request.request_id)
         return self.kv_manager.num_blocks_for(num_tokens) - held
 
-    def _admit_waiting(self, budget: int, scheduled: list[ScheduledRequest]) -> None:
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            request = self.waiting[0]
-            restored = self.restore(request, budget) if self.restore is not None else []
-            admitted = self._try_allocate(request, budget)
-            self.kv_manager.release(restored)  # admission holds its own references now
-            if admitted is None:
-                return
-            num_cached, num_new = admitted
-            self.waiting.popleft()
-            request.num_computed_tokens = num_cached
-            if request.num_cached_tokens < 0:
-                request.num_cached_tokens = num_cached
-            request.status = RequestStatus.RUNNING
-            self.running.append(request)
-            scheduled.append(ScheduledRequest(request, num_new))
+    def _admit_loaded(self, budget: int, scheduled: list[ScheduledRequest]) -> int:
+        """Admit parked requests whose load finished, in the order they were parked, before
+        any waiting request (their blocks, first chunk included, are already reserved);
+        returns the budget left. One that cannot be admitted (its load failed and the pool
+        has no room) goes back to the head of the waiting queue."""
+        finished = [r for r in self.loading if r.request_id in self._loads_done]
+        for request in finished:
+            if budget <= 0:
+                break
+            self.loading.remove(request)
+            self._loads_done.discard(request.request_id)
+            num_new = self._admit(request, budget, scheduled)
+            if num_new is None:
+                request.status = RequestStatus.WAITING
+                self.waiting.appendleft(request)
+                continue
             budget -= num_new
+        return budget
+
+    def _admit_waiting(self, budget: int, scheduled: list[ScheduledRequest]) -> None:
+        if self._loads_done:
+            budget = self._admit_loaded(budget, scheduled)
+        while (
+            self.waiting
+            and budget > 0
+            and len(self.running) + len(self.loading) < self.max_num_seqs
+        ):
+            request = self.waiting[0]
+            num_new = self._admit(request, budget, scheduled)
+            if num_new is None:
+                return
+            self.waiting.popleft()
+            if num_new:
+                budget -= num_new
+            else:  # its prefix is being loaded: it waits alone
+                self.loading.append(request)
+
+    def _admit(
+        self, request: Request, budget: int, scheduled: list[ScheduledRequest]
+    ) -> int | None:
+        """Admit one request (the caller takes it out of its queue): the tokens scheduled
+        for it now; 0 if it was parked for a prefix load instead, None if the pool has no
+        room."""
+        restored = self.restore(request, budget) if self.restore is not None else []
+        if restored is None:
+            return 0
+        admitted = self._try_allocate(request, budget)
+        self.kv_manager.release(restored)  # admission holds its own references now
+        if admitted is None:
+            return None
+        num_cached, num_new = admitted
+        request.num_computed_tokens = num_cached
+        if request.num_cached_tokens < 0:
+            request.num_cached_tokens = num_cached
+        request.status = RequestStatus.RUNNING
+        self.running.append(request)
+        scheduled.append(ScheduledRequest(request, num_new))
+        return num_new
 
     def _try_allocate(self, request: Request, budget: int) -> tuple[int, int] | None:
         """Allocate a waiting request's blocks after its cached prefix; (cached tokens, new
@@ -171,6 +230,11 @@ class Scheduler:
             self.running.remove(request)
         elif request in self.waiting:
             self.waiting.remove(request)
+        elif request in self.loading:
+            self.loading.remove(request)
+            self._loads_done.discard(request.request_id)
+        if self.cancel_restore is not None:
+            self.cancel_restore(request)
         request.status = status
         self.kv_manager.free(request.request_id)
 
@@ -185,7 +249,7 @@ class Scheduler:
             num_blocks = self.kv_manager.num_blocks_held(request.request_id)
             needed = self.kv_manager.num_blocks_for(request.num_computed_tokens)
             assert num_blocks >= needed, f"{request.request_id} holds too few blocks"
-        for request in self.waiting:
+        for request in (*self.waiting, *self.loading):
             assert self.kv_manager.num_blocks_held(request.request_id) == 0, (
                 f"waiting request {request.request_id} still holds blocks"
             )

@@ -66,3 +66,30 @@ def test_reclaim_offloads_least_recently_pinned_first_to_the_store():
     assert offload.num_saved_tokens == 8
     offload.check_integrity()
     manager.check_integrity(offload.pinned_block_lists())
+
+
+def test_a_prefix_load_reserves_its_blocks_and_fills_them_on_the_engine_thread():
+    manager, offload = make(num_blocks=10)
+    offload.store = HostKVStore(capacity_bytes=1 << 20)
+    tokens = list(range(13))  # 3 full blocks; the last token is always recomputed
+    cached_context(manager, "a", tokens)
+    offload.kv_cache.normal_()
+    expected = offload.kv_cache[:, :, :3].clone()  # the 3 blocks "a" used: ids 0, 1, 2
+    assert offload.save_tokens(tokens) == 12
+    offload.readable_store()
+    manager.reset_prefix_cache()  # gone from the device, kept in the store
+    request = Request("b", tokens, SamplingParams())
+    assert offload.restore_prefix(request, max_new_tokens=8) is None  # a load started
+    held = offload.held_block_lists()
+    assert [len(blocks) for blocks in held] == [3 + 1]  # 3 restored + the first chunk's
+    manager.check_integrity(held)
+    offload.loads["b"].done.wait(5)
+    assert offload.poll_restores() == [request]
+    blocks = offload.restore_prefix(request, max_new_tokens=8)
+    assert blocks is not None and len(blocks) == 3 and request.num_restored_tokens == 12
+    ids = torch.tensor([block.block_id for block in blocks])
+    assert torch.equal(offload.kv_cache[:, :, ids], expected)
+    assert manager.cached_prefix(tokens, manager.hashes_for_tokens(tokens, "")) == blocks
+    manager.release(blocks)
+    manager.check_integrity(offload.held_block_lists())
+    assert manager.num_free_blocks == 10

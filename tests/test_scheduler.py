@@ -70,3 +70,67 @@ def test_finish_waiting_request():
     assert not scheduler.waiting and not scheduler.has_unfinished_requests()
     assert request.status is RequestStatus.FINISHED_ABORTED
     scheduler.check_integrity()
+
+
+class FakeLoader:
+    """Stands in for ``OffloadManager``'s restore callbacks: every request with a name in
+    ``slow`` is parked on its first admission; ``finish_load`` makes its load done."""
+
+    def __init__(self, slow: set[str]) -> None:
+        self.slow = slow
+        self.started: list[str] = []
+        self.done: list[Request] = []
+        self.cancelled: list[str] = []
+
+    def restore(self, request: Request, budget: int):
+        if request.request_id in self.slow and request.request_id not in self.started:
+            self.started.append(request.request_id)
+            return None
+        return []
+
+    def poll(self) -> list[Request]:
+        done, self.done = self.done, []
+        return done
+
+    def cancel(self, request: Request) -> None:
+        self.cancelled.append(request.request_id)
+
+
+def test_a_request_waiting_for_its_prefix_load_waits_alone():
+    loader = FakeLoader(slow={"b"})
+    scheduler = Scheduler(
+        KVCacheManager(20, 4),
+        16,
+        3,
+        restore=loader.restore,
+        poll_restores=loader.poll,
+        cancel_restore=loader.cancel,
+    )
+    for idx, name in enumerate("abc"):
+        scheduler.add_request(Request(name, list(range(idx * 10, idx * 10 + 6)), SamplingParams()))
+    # b is parked; a and c (behind it) run, and keep running while b's load is in flight
+    assert fake_step(scheduler) == [("a", 6), ("c", 6)]
+    assert [r.request_id for r in scheduler.loading] == ["b"] and not scheduler.waiting
+    assert fake_step(scheduler) == [("a", 1), ("c", 1)]
+    scheduler.add_request(Request("d", [1, 2], SamplingParams()))
+    assert fake_step(scheduler) == [("a", 1), ("c", 1)]  # b still holds the third seat
+    loader.done.append(scheduler.loading[0])
+    # b's load finished: it is admitted before d, which waited less
+    assert fake_step(scheduler) == [("a", 1), ("c", 1), ("b", 6)]
+    assert not scheduler.loading and [r.request_id for r in scheduler.waiting] == ["d"]
+    scheduler.finish(scheduler.running[0], RequestStatus.FINISHED_STOPPED)
+    assert loader.cancelled == ["a"]
+    assert fake_step(scheduler) == [("c", 1), ("b", 1), ("d", 2)]
+
+
+def test_finishing_a_request_while_its_prefix_loads():
+    loader = FakeLoader(slow={"a"})
+    scheduler = Scheduler(
+        KVCacheManager(10, 4), 16, 4, restore=loader.restore, cancel_restore=loader.cancel
+    )
+    request = Request("a", list(range(6)), SamplingParams())
+    scheduler.add_request(request)
+    assert fake_step(scheduler) == [] and scheduler.has_unfinished_requests()
+    scheduler.finish(request, RequestStatus.FINISHED_ABORTED)
+    assert loader.cancelled == ["a"] and not scheduler.has_unfinished_requests()
+    scheduler.check_integrity()

@@ -166,3 +166,124 @@ def test_prefixes_are_restored_only_for_requests_being_admitted(tiny, prompts):
     for idx, prompt in enumerate((first, evictor, second_evictor)):
         assert 0 < restored[f"again{idx}"] <= len(prompt) * num_admissions
     engine.check_integrity()
+
+
+# -- asynchronous loads: the batch keeps stepping while a prefix is read ----------------------
+
+
+class GatedRedisStore(RedisKVStore):
+    """A real Redis tier whose loads wait for ``gate`` first (a slow network, held open by
+    the test), recording the thread each load ran on; ``vanish`` flushes Redis right before
+    a load (the blocks disappear between lookup and load)."""
+
+    def __init__(self, url: str, *args, **kwargs) -> None:
+        super().__init__(redis.Redis.from_url(url), *args, **kwargs)
+        self.url = url
+        self.gate = threading.Event()
+        self.gate.set()
+        self.vanish = False
+        self.load_threads: list[str] = []
+
+    def load(self, block_hashes, token_ids):
+        self.load_threads.append(threading.current_thread().name)
+        self.gate.wait(timeout=60)
+        if self.vanish:
+            redis.Redis.from_url(self.url).flushall()
+        return super().load(block_hashes, token_ids)
+
+
+def redis_instance(tiny, url: str, num_kv_blocks: int) -> tuple[LLMEngine, GatedRedisStore]:
+    engine = make_engine(tiny, num_kv_blocks=num_kv_blocks)
+    store = GatedRedisStore(
+        url, engine.fingerprint, dtype=tiny.dtype, block_shape=engine.kv_block_shape
+    )
+    engine.attach_kv_store(store)
+    return engine, store
+
+
+def written_to_redis(tiny, url: str, prompts) -> None:
+    """Run ``prompts[0]``, then two prompts that evict all of it to Redis."""
+    redis.Redis.from_url(url).flushall()
+    engine, _ = redis_instance(tiny, url, NUM_BLOCKS)
+    for idx, prompt in enumerate(prompts):
+        run_one(engine, prompt, f"w{idx}")
+    engine.offload.readable_store()  # every write landed
+
+
+def test_batch_keeps_stepping_while_a_redis_restore_is_in_flight(
+    tiny, prompts, expected, redis_server
+):
+    first, evictor, _ = prompts
+    written_to_redis(tiny, redis_server, prompts)
+    engine, store = redis_instance(tiny, redis_server, 40)  # another instance, room for two
+    engine.add_request("busy", evictor[:40], greedy(30))
+    busy_tokens = 0
+    for _ in range(3):  # prefill, then decoding
+        busy_tokens += sum(len(out.new_token_ids) for out in engine.step())
+    store.gate.clear()  # the Redis read of `first`'s prefix hangs until released
+    engine.add_request("a", first, greedy(6))
+    decoded_while_loading = 0
+    for _ in range(5):
+        outputs = engine.step()
+        assert [out.request_id for out in outputs] == ["busy"]  # `a` waits alone
+        decoded_while_loading += len(outputs[0].new_token_ids)
+        assert [r.request_id for r in engine.scheduler.loading] == ["a"]
+        assert engine.offload.num_loading == 1
+    assert decoded_while_loading == 5
+    store.gate.set()
+    tokens: list[int] = []
+    cached = restored = 0
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.request_id == "a":
+                tokens += out.new_token_ids
+                cached, restored = out.num_cached_tokens, out.num_restored_tokens
+    assert tokens == expected  # token-identical to a recompute (HF greedy)
+    assert restored == cached == (len(first) - 1) // BLOCK * BLOCK
+    assert store.load_threads == ["tarry-kv-transfer"]
+    engine.check_integrity()
+
+
+def test_a_restore_that_fails_falls_back_to_recompute(tiny, prompts, expected, redis_server):
+    first, _, _ = prompts
+    written_to_redis(tiny, redis_server, prompts)
+    engine, store = redis_instance(tiny, redis_server, 40)
+    store.vanish = True  # the blocks are gone when the read runs
+    tokens, cached, restored = run_one(engine, first, "a")
+    assert tokens == expected
+    assert restored == 0 and cached == 0
+    assert engine.offload.num_failed_restores == 1 and store.load_threads
+    engine.check_integrity()
+
+
+def test_a_restore_that_times_out_falls_back_to_recompute(tiny, prompts, expected, redis_server):
+    first, _, _ = prompts
+    written_to_redis(tiny, redis_server, prompts)
+    engine, store = redis_instance(tiny, redis_server, 40)
+    engine.offload.restore_timeout_s = 0.3
+    store.gate.clear()  # never answers in time
+    try:
+        tokens, cached, restored = run_one(engine, first, "a")
+    finally:
+        store.gate.set()
+    assert tokens == expected
+    assert restored == 0 and cached == 0 and engine.offload.num_failed_restores == 1
+    engine.offload.readable_store()  # the late read finished; it changed nothing
+    engine.check_integrity()
+    assert engine.kv_manager.num_free_blocks == engine.num_kv_blocks
+
+
+def test_aborting_a_request_while_its_prefix_loads_frees_its_blocks(tiny, prompts, redis_server):
+    first, _, _ = prompts
+    written_to_redis(tiny, redis_server, prompts)
+    engine, store = redis_instance(tiny, redis_server, 40)
+    store.gate.clear()
+    engine.add_request("a", first, greedy(6))
+    assert engine.step() == [] and engine.offload.num_loading == 1
+    assert engine.kv_manager.num_free_blocks < engine.num_kv_blocks  # its blocks are taken
+    assert engine.abort_request("a")
+    store.gate.set()
+    engine.offload.readable_store()
+    assert not engine.has_unfinished_requests() and not engine.offload.loads
+    assert engine.kv_manager.num_free_blocks == engine.num_kv_blocks
+    engine.check_integrity()
