@@ -13,8 +13,11 @@ import openai
 import pytest
 from pydantic import BaseModel, Field
 
+from api.errors import APIError
+from api.response_format import json_answer_from_format
 from api.server import ServeOptions
 from tests.api_helpers import live_server
+from tools.constrained import JsonAnswer
 
 KEY = "key-structured"
 QUESTION = "What is the capital of France? Reply in JSON."
@@ -145,3 +148,19 @@ def test_pydantic_ai_native_output(server):
     )
     result = agent.run_sync(QUESTION)
     assert isinstance(result.output, Capital)
+
+
+def test_chat_and_responses_format_shapes():
+    """``response_format`` (chat) and ``text.format`` (Responses) map to the same answer."""
+    schema = Capital.model_json_schema()
+    chat = {"type": "json_schema", "json_schema": {"name": "c", "schema": schema, "strict": True}}
+    responses = {"type": "json_schema", "name": "c", "schema": schema, "strict": True}
+    assert json_answer_from_format(chat) == json_answer_from_format(responses, "text.format")
+    assert json_answer_from_format(chat) == JsonAnswer(schema)
+    assert json_answer_from_format({"type": "json_object"}) == JsonAnswer(None)
+    assert json_answer_from_format({"type": "text"}) is None
+    assert json_answer_from_format(None) is None
+    for bad in ({"type": "json"}, [], {"type": "json_schema", "name": 3, "schema": {}}):
+        with pytest.raises(APIError) as info:
+            json_answer_from_format(bad, "text.format")
+        assert info.value.status == 400 and info.value.param == "text.format"

@@ -217,7 +217,7 @@ def test_closing_a_sandbox_never_blocks_the_event_loop(tmp_path):
     """Without a tmpfs (the non-root layout) closing means an rmtree: it runs on the cleanup
     thread, so ``close_sandbox`` (called on the event loop) returns at once."""
     fallback = SandboxIsolation(unshare_path=None, separate_uid=False)
-    runtime = ToolRuntime(None, 0, [], sandbox_root=tmp_path)
+    runtime = ToolRuntime(None, 0, [], sandbox_root=tmp_path, tool_call_parser="hermes")
     runtime.sandbox_factory = lambda session_id: PythonSandbox(tmp_path, isolation=fallback)
     code = "import os\nfor idx in range(5000): open(f'f{idx}', 'w').write('x')\nlen(os.listdir())"
 

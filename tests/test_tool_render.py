@@ -11,9 +11,11 @@ import pytest
 from engine.model_loader import load_model
 from tests.tool_parsing import parse_tool_calls
 from tools.render import (
+    TOOL_RESULTS_NOTE,
     ToolSchemaError,
     apply_chat_template_with_tools,
     prepare_tool_prompt,
+    template_renders_tool_results,
     template_renders_tool_turns,
     template_renders_tools,
     tool_call_format,
@@ -124,22 +126,38 @@ def test_no_tools_changes_nothing(tokenizer: Any) -> None:
 
 
 def test_tool_calls_and_results_become_hermes_text(tokenizer: Any) -> None:
+    """SmolLM2's template renders any role: the results stay one ``tool`` turn (item 8)."""
+    assert template_renders_tool_results(tokenizer)
     rendered = prepare_tool_prompt(tokenizer, CONVERSATION, [WEATHER_TOOL]).messages
-    assert [m["role"] for m in rendered] == ["system", "user", "assistant", "user"]
+    assert [m["role"] for m in rendered] == ["system", "user", "assistant", "tool"]
     assistant = rendered[2]["content"]
     assert assistant.startswith("Checking.\n<tool_call>\n")
     parsed = parse_tool_calls(assistant, "hermes")  # what we render is what the parser reads back
     assert parsed.text == "Checking."
     assert [json.loads(c.arguments_json)["city"] for c in parsed.tool_calls] == ["Paris", "Rome"]
     responses = rendered[3]["content"].split("\n</tool_response>\n")
-    assert len(responses) == 2
+    assert len(responses) == 3 and responses[2] == TOOL_RESULTS_NOTE
     assert json.loads(responses[0].removeprefix("<tool_response>\n")) == {
         "name": "get_weather",
         "content": "18C sunny",
     }
     assert '{"name": "get_weather", "content": "22C"}' in responses[1]
     prompt = apply_chat_template_with_tools(tokenizer, CONVERSATION, [WEATHER_TOOL])
-    assert "<|im_start|>user\n<tool_response>" in prompt
+    assert "<|im_start|>tool\n<tool_response>" in prompt
+
+
+def test_a_template_without_a_tool_role_gets_results_in_a_user_turn(tokenizer: Any) -> None:
+    strict = copy.copy(tokenizer)
+    strict.chat_template = (
+        "{% for m in messages %}{% if m.role not in ['system', 'user', 'assistant'] %}"
+        "{{ raise_exception('unknown role') }}{% endif %}"
+        "<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    )
+    assert not template_renders_tool_results(strict)
+    rendered = prepare_tool_prompt(strict, CONVERSATION, [WEATHER_TOOL]).messages
+    assert [m["role"] for m in rendered] == ["system", "user", "assistant", "user"]
+    assert rendered[3]["content"].startswith("<tool_response>\n")
+    assert rendered[3]["content"].endswith(TOOL_RESULTS_NOTE)
 
 
 def test_tools_aware_template_gets_tools_and_turns_as_is(tools_tokenizer: Any) -> None:

@@ -3,6 +3,7 @@ the built-in python tool, and a three-round agent loop over the session protocol
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import jsonschema
@@ -198,7 +199,7 @@ def test_agent_loop_three_tool_rounds_reuses_the_whole_context(server):
             ws.recv()  # session.state
             done = events[-1]["response"]
             calls = [e for e in events if e["type"] == "response.function_call_arguments.done"]
-            assert calls[0]["name"] == tool
+            assert calls and calls[0]["name"] == tool, (round_idx, events[-1]["response"]["output"])
             usage = done["usage"]
             if round_idx:
                 assert usage["input_token_details"]["cached_tokens"] >= previous_context // 16 * 16
@@ -220,3 +221,41 @@ def test_agent_loop_three_tool_rounds_reuses_the_whole_context(server):
             previous_context = usage["input_tokens"] + usage["output_tokens"]
     finally:
         ws.close()
+
+
+def test_agents_sdk_over_chat_completions_answers_from_the_tool_result(server):
+    """The Agents SDK demo (issue 13, item 8): a function tool forced once, tool_choice reset
+    after the call; the final answer uses the result instead of parroting its markup."""
+    from agents import (
+        Agent,
+        ModelSettings,
+        OpenAIChatCompletionsModel,
+        Runner,
+        function_tool,
+        set_tracing_disabled,
+    )
+
+    set_tracing_disabled(True)
+    cities: list[str] = []
+
+    @function_tool
+    def get_weather(city: str) -> str:
+        """Current weather in a city."""
+        cities.append(city)
+        return f"18 degrees and sunny in {city}"
+
+    model = OpenAIChatCompletionsModel(
+        "tarry", openai.AsyncOpenAI(base_url=server[0] + "/v1", api_key=KEY, max_retries=0)
+    )
+    agent = Agent(
+        name="weather",
+        instructions="You are a helpful assistant. Use the tools to answer.",
+        model=model,
+        tools=[get_weather],
+        model_settings=ModelSettings(temperature=0, tool_choice="required", max_tokens=80),
+    )
+    result = asyncio.run(Runner.run(agent, "What is the weather in Paris?", max_turns=4))
+    assert cities == ["Paris"]
+    answer = result.final_output
+    assert "18 degrees" in answer, answer
+    assert not any(markup in answer for markup in ("<tool_response>", "<tool_call>", '"name"'))

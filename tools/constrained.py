@@ -21,10 +21,13 @@ xgrammar over the tokenizer's vocabulary.
 a ``response_format``: the model chooses, as with OpenAI).
 
 Termination: after ``max_call_tokens`` output tokens (default 512) the processor closes the call
-as fast as the grammar allows: whenever an allowed token consists only of ``"``, ``]`` and ``}``
-it allows only such tokens, so open strings, arrays and objects end and the remaining required
-properties get minimal values. For non-recursive schemas that takes a few dozen tokens more, so
-give the request ``max_tokens`` >= ``max_call_tokens`` + 64.
+as fast as the grammar allows: whenever the token ``"`` is allowed it allows only that (inside a
+string it ends the string; elsewhere it starts a minimal one), else whenever an allowed token
+consists only of ``]`` and ``}`` it allows only such tokens, so open strings, arrays and objects
+end and the remaining required properties get minimal values. (Preferring any token made of
+``"]}`` let a string grow by ``]]}}`` forever: inside a string those are plain characters.)
+For non-recursive schemas that takes a few dozen tokens more, so give the request
+``max_tokens`` >= ``max_call_tokens`` + 64.
 
 Failure behaviour:
 - an unknown function name, a malformed ``tools`` list or an unusable schema raise
@@ -61,7 +64,7 @@ TOOL_CALL_OPEN = "<tool_call>"
 TOOL_CALL_CLOSE = "</tool_call>"
 DEFAULT_MAX_CALL_TOKENS = 512
 _MAX_CACHED_GRAMMARS = 64
-_CLOSER_BYTES = frozenset(b'"]}')
+_CLOSER_BYTES = frozenset(b"]}")
 
 
 class FunctionSpec(NamedTuple):
@@ -90,7 +93,8 @@ class ToolCallLogitsProcessor:
     Stateful: it advances its matcher with the output tokens it has not seen yet, so one
     instance serves one request. If the ids it is given stop extending what it accepted
     (another request, or a rewritten history) it resets and replays them. ``closer_mask``
-    ``[vocab]`` (bool) marks the tokens preferred once ``max_call_tokens`` were generated;
+    ``[vocab]`` (int8) ranks the tokens preferred once ``max_call_tokens`` were generated
+    (2: ``"``, 1: made of ``]`` and ``}``, 0: others; the best allowed rank wins);
     ``first_token_of(text)`` is the first token of the tokenizer's encoding of ``text``.
     """
 
@@ -123,9 +127,10 @@ class ToolCallLogitsProcessor:
             logits.fill_(float("-inf"))
             logits[forced_id] = kept
         elif len(self._accepted) >= self._max_call_tokens:
-            closers = torch.isfinite(logits) & self._closer_mask.to(logits.device)
-            if bool(closers.any()):
-                logits = logits.masked_fill(~closers, float("-inf"))
+            ranks = self._closer_mask.to(logits.device).masked_fill(~torch.isfinite(logits), 0)
+            best = int(ranks.max())
+            if best > 0:
+                logits = logits.masked_fill(ranks != best, float("-inf"))
         return logits
 
     def _sync(self, output_token_ids: Sequence[int]) -> None:
@@ -170,13 +175,12 @@ class ToolCallConstrainer:
         self.stop_token_ids = sorted(stop_token_ids)
         self.max_array_items = max_array_items
         self.max_call_tokens = max_call_tokens
-        closer_ids = [
-            token_id
-            for token_id, text in enumerate(self.tokenizer_info.decoded_vocab[:vocab_size])
-            if text and set(text) <= _CLOSER_BYTES
-        ]
-        self.closer_mask = torch.zeros(vocab_size, dtype=torch.bool)
-        self.closer_mask[closer_ids] = True
+        self.closer_mask = torch.zeros(vocab_size, dtype=torch.int8)
+        for token_id, text in enumerate(self.tokenizer_info.decoded_vocab[:vocab_size]):
+            if text == b'"':
+                self.closer_mask[token_id] = 2
+            elif text and set(text) <= _CLOSER_BYTES:
+                self.closer_mask[token_id] = 1
         self._compiler = xgr.GrammarCompiler(self.tokenizer_info, max_threads=1)
         self._compiled: dict[str, xgr.CompiledGrammar] = {}
 

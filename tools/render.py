@@ -9,8 +9,12 @@
   system message as a Hermes block (JSON schemas inside ``<tools></tools>``, answer with
   ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``). Likewise, when the template
   cannot render assistant ``tool_calls`` and ``tool`` results, they are rewritten as text in
-  the Hermes convention (``<tool_call>`` in the assistant turn, ``<tool_response>`` in a user
-  turn).
+  the Hermes convention: ``<tool_call>`` in the assistant turn, and consecutive results as one
+  turn of ``<tool_response>`` blocks followed by ``TOOL_RESULTS_NOTE``. That turn keeps the
+  ``tool`` role when the template renders a ``tool`` message's content (a generic role, as
+  SmolLM2's ChatML template does: Hermes-2-Pro's own layout), else it is a user turn. Measured
+  on SmolLM2-135M: a user turn of ``<tool_response>`` blocks, with or without the note, is
+  parroted back; the ``tool`` turn with the note is answered from the result.
 
 Invalid tool schemas raise ``ToolSchemaError`` (an ``InvalidRequestError``, the one class the
 grammar builder raises too); the input lists are never modified.
@@ -50,6 +54,12 @@ PROBE_TOOL_TURNS: list[dict[str, Any]] = [
             }
         ],
     },
+    {"role": "tool", "tool_call_id": "call_probe", "content": PROBE_RESULT},
+]
+TOOL_RESULTS_NOTE = "Answer the user's question with these results."
+PROBE_RESULT_TURNS: list[dict[str, Any]] = [
+    {"role": "user", "content": "probe"},
+    {"role": "assistant", "content": "probe"},
     {"role": "tool", "tool_call_id": "call_probe", "content": PROBE_RESULT},
 ]
 HERMES_TOOLS_PROMPT = """# Tools
@@ -115,6 +125,13 @@ def template_renders_tool_turns(tokenizer: Any) -> bool:
     return rendered is not None and PROBE_TOOL_NAME in rendered and PROBE_RESULT in rendered
 
 
+def template_renders_tool_results(tokenizer: Any) -> bool:
+    """Whether the template renders a ``tool`` message's content (natively or as a generic
+    role), after an assistant turn of plain text."""
+    rendered = render_template(tokenizer, PROBE_RESULT_TURNS)
+    return rendered is not None and PROBE_RESULT in rendered
+
+
 def validate_tools(tools: list[dict[str, Any]]) -> None:
     for tool_idx, tool in enumerate(tools):
         if not isinstance(tool, dict) or tool.get("type") != "function":
@@ -161,11 +178,13 @@ def hermes_tool_call_text(tool_call: dict[str, Any]) -> str:
     return f"<tool_call>\n{json.dumps(payload, ensure_ascii=False)}\n</tool_call>"
 
 
-def tool_turns_as_text(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def tool_turns_as_text(
+    messages: list[dict[str, Any]], results_role: str = "user"
+) -> list[dict[str, Any]]:
     """Assistant ``tool_calls`` and ``tool`` results rewritten as Hermes-convention text.
 
-    Consecutive tool results become one user turn of ``<tool_response>`` blocks, each naming
-    the function its ``tool_call_id`` answered.
+    Consecutive tool results become one ``results_role`` turn of ``<tool_response>`` blocks,
+    each naming the function its ``tool_call_id`` answered, then ``TOOL_RESULTS_NOTE``.
     """
     call_names: dict[str, str] = {}
     rewritten: list[dict[str, Any]] = []
@@ -184,13 +203,19 @@ def tool_turns_as_text(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 f"<tool_response>\n{json.dumps(payload, ensure_ascii=False)}\n</tool_response>"
             )
             if rewritten and rewritten[-1].get("tool_responses"):
-                previous = rewritten[-1]
-                rewritten[-1] = {**previous, "content": f"{previous['content']}\n{response}"}
+                rewritten[-1]["tool_responses"].append(response)
             else:
-                rewritten.append({"role": "user", "content": response, "tool_responses": True})
+                rewritten.append({"role": results_role, "tool_responses": [response]})
         else:
             rewritten.append(message)
-    return [{k: v for k, v in m.items() if k != "tool_responses"} for m in rewritten]
+    return [_with_results_text(m) for m in rewritten]
+
+
+def _with_results_text(message: dict[str, Any]) -> dict[str, Any]:
+    responses = message.get("tool_responses")
+    if responses is None:
+        return message
+    return {"role": message["role"], "content": "\n".join([*responses, TOOL_RESULTS_NOTE])}
 
 
 def prepare_tool_prompt(
@@ -201,7 +226,8 @@ def prepare_tool_prompt(
     validate_tools(tools)
     has_tool_turns = any(m.get("role") == "tool" or m.get("tool_calls") for m in messages)
     if has_tool_turns and not template_renders_tool_turns(tokenizer):
-        messages = tool_turns_as_text(messages)
+        results_role = "tool" if template_renders_tool_results(tokenizer) else "user"
+        messages = tool_turns_as_text(messages, results_role)
     if not tools:
         return ToolPrompt(list(messages), None)
     if template_renders_tools(tokenizer):
