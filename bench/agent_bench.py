@@ -9,19 +9,19 @@ N agents start together; each runs K turns. Turn 1 sends the shared ~600-word sy
 and a short task (distinct per agent); after each reply the agent "runs a tool" (sleeps a
 seeded uniform 0..pause-max-s) and appends a ~250-word tool result (a user message, distinct
 per agent and turn), then asks for the next reply. Every reply: ``max_tokens`` tokens,
-temperature 0, ``ignore_eos`` where the protocol has it.
+temperature 0, ``ignore_eos`` (both protocols; ``--no-ignore-eos`` to leave it out).
 
 - ``http``: streaming ``/v1/chat/completions`` (official ``openai`` client), the whole history
   re-sent every turn, as agent frameworks do. Works against any OpenAI-compatible server
   (vLLM needs ``--enable-prompt-tokens-details`` to report cached tokens).
 - ``ws``: Tarry's session WebSocket ``/v1/sessions``: one session per agent, each turn sends
-  only the new item and ``response.create``. The protocol has no ``ignore_eos``: a reply can
-  end early at EOS (the summary counts such turns).
+  only the new item and ``response.create`` (a reply that ends early at EOS is counted in the
+  summary).
 
 TTFT = request sent -> first streamed text. Reported: wall time, TTFT medians of the first and
 second half of the turns (turns 1-4 and 5-8 at K=8), generation throughput (output tokens /
 wall), prompt and cached tokens from usage, and the diff of the server's ``/metrics`` counters
-(Tarry: cached tokens per tier, counted for HTTP requests only; over ``ws`` the per-tier split
+(Tarry: prompt tokens cached per tier and computed, for every surface; over ``ws`` the per-tier split
 comes from usage, ``restored_tokens``; vLLM: prefix-cache queries/hits).
 
 The prompts are the same in every run, so greedy replies are comparable across servers. So that
@@ -183,7 +183,9 @@ def ws_add_user(ws: ClientConnection, text: str) -> None:
 
 def ws_reply(ws: ClientConnection, work: Workload, agent: int, turn: int) -> Turn:
     """One ``response.create`` until ``session.state``; the session keeps the history."""
-    overrides = {"max_output_tokens": work.max_tokens, "temperature": 0}
+    overrides: dict[str, Any] = {"max_output_tokens": work.max_tokens, "temperature": 0}
+    if work.ignore_eos:
+        overrides["ignore_eos"] = True
     start = time.perf_counter()
     ws_send(ws, {"type": "response.create", "response": overrides})
     ttft, pieces = None, []
@@ -346,7 +348,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--system-words", type=int, default=600)
     parser.add_argument("--tool-words", type=int, default=250)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-ignore-eos", action="store_true", help="HTTP: do not send ignore_eos")
+    parser.add_argument("--no-ignore-eos", action="store_true", help="do not send ignore_eos")
     parser.add_argument("--label", default=None, help="name in the summary and the JSON")
     parser.add_argument("--json-out", default=None, help="also write the results here")
     return parser.parse_args()
@@ -367,7 +369,7 @@ def main() -> None:
         system_words=args.system_words,
         tool_words=args.tool_words,
         seed=args.seed,
-        ignore_eos=args.protocol == "http" and not args.no_ignore_eos,
+        ignore_eos=not args.no_ignore_eos,
     )
     label = args.label or f"{args.protocol} {base_url} ({target.model})"
     print(
