@@ -21,8 +21,8 @@ temperature 0, ``ignore_eos`` (both protocols; ``--no-ignore-eos`` to leave it o
 TTFT = request sent -> first streamed text. Reported: wall time, TTFT medians of the first and
 second half of the turns (turns 1-4 and 5-8 at K=8), generation throughput (output tokens /
 wall), prompt and cached tokens from usage, and the diff of the server's ``/metrics`` counters
-(Tarry: prompt tokens cached per tier and computed, for every surface; over ``ws`` the per-tier split
-comes from usage, ``restored_tokens``; vLLM: prefix-cache queries/hits).
+(Tarry: prompt tokens cached per tier and computed, for every surface; vLLM: prefix-cache
+queries/hits).
 
 The prompts are the same in every run, so greedy replies are comparable across servers. So that
 a run cannot reuse KV an earlier run left on the same server, each run has its own cache salt:
