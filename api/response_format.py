@@ -24,7 +24,7 @@ from __future__ import annotations
 from typing import Any
 
 from api.errors import APIError
-from api.tool_runtime import CLOSING_RESERVE, ToolRuntime
+from api.tool_runtime import ToolRuntime, call_token_budget
 from tools.constrained import JsonAnswer
 from tools.json_schema_grammar import ToolSchemaError
 
@@ -87,7 +87,7 @@ def response_format_processors(
         processor = runtime.constrainer.answer_processor(
             answer,
             call_tools,
-            max_call_tokens=max(0, (max_tokens or 1 << 20) - CLOSING_RESERVE),
+            max_call_tokens=call_token_budget(max_tokens),
         )
     except ToolSchemaError as exc:
         raise APIError(f"{param}: the schema cannot be used: {exc}", param=param) from exc

@@ -191,7 +191,7 @@ class ToolRuntime:
             processor = self.constrainer.processor_for(
                 tools,
                 tool_choice,
-                max_call_tokens=max(0, (max_tokens or 1 << 20) - CLOSING_RESERVE),
+                max_call_tokens=call_token_budget(max_tokens),
             )
         except ToolSchemaError as exc:
             raise APIError(str(exc), param="tool_choice") from exc
@@ -238,3 +238,9 @@ class ToolRuntime:
         self._cleanup.shutdown(wait=True)
         for session_id in list(self._sandboxes):
             self._sandboxes.pop(session_id).close()
+
+
+def call_token_budget(max_tokens: int | None) -> int:
+    """Tokens a constrained call or JSON answer may use before it must close: the request's
+    ``max_tokens`` (unbounded when None) less the reserve the closing needs."""
+    return max(0, (max_tokens or 1 << 20) - CLOSING_RESERVE)
