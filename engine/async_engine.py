@@ -101,12 +101,14 @@ class AsyncEngine:
         self._thread.start()
 
     def shutdown(self) -> None:
-        """Stop after the current step; fail the live requests with ``EngineDeadError``."""
+        """Stop after the current step; fail the live requests with ``EngineDeadError``; end
+        the engine's transfer thread (``LLMEngine.close``)."""
         self._stopping = True
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
             self._thread = None
+        self.engine.close()
 
     @property
     def is_running(self) -> bool:

@@ -409,6 +409,11 @@ class LLMEngine:
         """Fraction of the device pool's blocks referenced by requests or pins."""
         return self.kv_manager.usage()
 
+    def close(self) -> None:
+        """Finish the KV transfers in flight and end the transfer thread (so nothing keeps the
+        KV cache alive once the engine is dropped). Transfers after it run inline."""
+        self.offload.close()
+
     def reset_prefix_cache(self) -> None:
         """Forget every unreferenced cached block (benchmarks and tests)."""
         self.kv_manager.reset_prefix_cache()

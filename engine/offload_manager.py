@@ -123,6 +123,11 @@ class OffloadManager:
         self.last_load_s = 0.0  # how long the last finished load took, start to scatter
         kv_manager.observe_evictions(self._note_eviction)
 
+    def close(self) -> None:
+        """Finish the queued transfers and end the transfer thread (later transfers run on
+        the caller's thread)."""
+        self.transfers.close()
+
     def readable_store(self) -> KVStore | None:
         """The store, once every write submitted so far has landed in it (None if none)."""
         if self.store is not None:

@@ -22,17 +22,19 @@ class TransferWorker:
     """Runs submitted jobs one at a time, in submission order, on one daemon thread.
 
     Contract: a job that raises is logged and dropped (store writes are best effort); after
-    ``wait_idle`` returns, every job submitted before the call has finished.
+    ``wait_idle`` returns, every job submitted before the call has finished. ``close`` finishes
+    the queued jobs and ends the thread; a job submitted after it runs on the caller's thread.
     """
 
     def __init__(self, name: str = "tarry-kv-transfer") -> None:
-        self._jobs: queue.SimpleQueue[tuple[Callable[..., Any], tuple[Any, ...]]] = (
+        self._jobs: queue.SimpleQueue[tuple[Callable[..., Any], tuple[Any, ...]] | None] = (
             queue.SimpleQueue()
         )
+        self._closed = False
         self._idle = threading.Condition()
         self._num_pending = 0
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
+        # Started by the first submit: an engine that never transfers keeps no thread.
 
     @property
     def num_pending(self) -> int:
@@ -41,21 +43,44 @@ class TransferWorker:
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> None:
         with self._idle:
-            self._num_pending += 1
-        self._jobs.put((fn, args))
+            closed = self._closed
+            if not closed:
+                if not self._thread.is_alive():
+                    self._thread.start()
+                self._num_pending += 1
+                self._jobs.put((fn, args))
+        if closed:
+            _run_job(fn, args)
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        """Finish the queued jobs, then end the thread (waits up to ``timeout_s``). Idempotent."""
+        with self._idle:
+            if self._closed:
+                return
+            self._closed = True
+            if not self._thread.is_alive():
+                return  # never started
+            self._jobs.put(None)
+        self._thread.join(timeout_s)
+        if self._thread.is_alive():
+            logger.warning("the KV transfer thread is still busy after %.0f s", timeout_s)
 
     def wait_idle(self) -> None:
         with self._idle:
             self._idle.wait_for(lambda: self._num_pending == 0)
 
     def _run(self) -> None:
-        while True:
-            fn, args = self._jobs.get()
-            try:
-                fn(*args)
-            except Exception:
-                logger.exception("a KV store write failed; the blocks will be recomputed")
+        while (job := self._jobs.get()) is not None:
+            _run_job(*job)
+            del job  # hold no finished job's arguments (staged tensors) while waiting
             with self._idle:
                 self._num_pending -= 1
                 if self._num_pending == 0:
                     self._idle.notify_all()
+
+
+def _run_job(fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+    try:
+        fn(*args)
+    except Exception:
+        logger.exception("a KV store transfer failed; the blocks will be recomputed")

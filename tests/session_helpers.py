@@ -91,7 +91,10 @@ def fresh_recompute(
 ) -> list[int]:
     """The same prompt on a brand-new engine: no prefix cache, no tiers."""
     engine = LLMEngine(loaded, EngineConfig(enable_prefix_caching=False, num_kv_blocks=512))
-    return engine.generate([prompt], params)[0].new_token_ids
+    try:
+        return engine.generate([prompt], params)[0].new_token_ids
+    finally:
+        engine.close()
 
 
 def drop_device_cache(stack: Stack, session: Session) -> None:

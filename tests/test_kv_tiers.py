@@ -93,6 +93,36 @@ def test_host_keeps_the_prefix_when_one_save_overflows() -> None:
     assert HostKVStore(BLOCK_BYTES_FP32 - 1).lookup(blocks.hashes) == 0  # too big: dropped
 
 
+def test_host_turnover_reuses_one_slab_and_stays_exact() -> None:
+    """Many more blocks than slots pass through: every slot is reused in place (no allocation
+    per block, so the process does not grow past the capacity), and what is held reads back
+    exactly."""
+    store = HostKVStore(4 * BLOCK_BYTES_FP32)
+    rounds = [make_blocks(3, seed=seed) for seed in range(20)]
+    for blocks in rounds:
+        store.save(blocks.hashes, blocks.token_ids, blocks.staged)
+    slab = store._slab
+    assert slab is not None and slab.kv.shape[2] == 4 and not slab.free_slots
+    last = rounds[-1]
+    assert exactly_equal(store.load(last.hashes, last.token_ids), last.staged)
+    assert store.lookup(rounds[-3].hashes) == 0
+    assert store.stats.bytes_used == 4 * BLOCK_BYTES_FP32
+    assert store.stats.evictions == 20 * 3 - 4
+    assert store._slab is slab  # the same tensor all along
+
+
+def test_host_layout_change_drops_what_is_held(caplog: pytest.LogCaptureFixture) -> None:
+    store = HostKVStore(1 << 20)
+    fp32, bf16 = make_blocks(2), make_blocks(2, torch.bfloat16, seed=1)
+    store.save(fp32.hashes, fp32.token_ids, fp32.staged)
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        store.save(bf16.hashes, bf16.token_ids, bf16.staged)
+    assert "replace 2 held blocks" in caplog.text
+    assert store.lookup(fp32.hashes) == 0
+    assert exactly_equal(store.load(bf16.hashes, bf16.token_ids), bf16.staged)
+    assert store.stats.bytes_used == 2 * bf16.staged[:, :, 0].nbytes
+
+
 # -- Redis: values ----------------------------------------------------------------------------
 
 

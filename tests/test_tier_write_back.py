@@ -4,8 +4,10 @@ or in another instance sharing Redis — token-identical to a fresh recompute.""
 
 from __future__ import annotations
 
+import gc
 import operator
 import threading
+import weakref
 
 import pytest
 import redis
@@ -145,6 +147,39 @@ def test_transfer_worker_order_errors_and_wait_idle():
     gate.set()
     worker.wait_idle()
     assert done == [1, 2] and worker.num_pending == 0
+
+
+def test_transfer_worker_close_finishes_jobs_and_ends_its_thread():
+    worker = TransferWorker(name="test-close")
+    assert not worker._thread.is_alive()  # no thread until there is work
+    done: list[int] = []
+    gate = threading.Event()
+    worker.submit(gate.wait)
+    worker.submit(done.append, 1)
+    threading.Timer(0.05, gate.set).start()
+    worker.close()
+    assert done == [1] and not worker._thread.is_alive()
+    worker.submit(done.append, 2)  # after close: runs at once, on this thread
+    assert done == [1, 2]
+    worker.close()  # idempotent
+
+
+def test_engine_shutdown_ends_the_transfer_thread_and_frees_the_kv_cache(tiny, prompts):
+    """A stopped engine leaves no thread holding its KV cache (each test server's cache was
+    kept alive by its transfer thread, and the suite's process grew by a GiB a test)."""
+    first, evictor, _ = prompts
+    engine = make_engine(tiny, num_kv_blocks=NUM_BLOCKS)
+    engine.attach_kv_store(HostKVStore(capacity_bytes=64 << 20))
+    run_one(engine, first, "a")
+    run_one(engine, evictor, "b")  # evicts: a save ran on the transfer thread
+    thread = engine.offload.transfers._thread
+    assert thread.is_alive()
+    kv_cache = weakref.ref(engine.offload.kv_cache)
+    engine.close()
+    assert not thread.is_alive()
+    del engine
+    gc.collect()
+    assert kv_cache() is None
 
 
 def test_prefixes_are_restored_only_for_requests_being_admitted(tiny, prompts):

@@ -1,4 +1,12 @@
-"""The host-memory KV tier: a bounded LRU of blocks (pinned when CUDA is present)."""
+"""The host-memory KV tier: a bounded LRU of blocks in one preallocated slab (pinned when CUDA
+is present).
+
+Why a slab: blocks of a few hundred KB, allocated and freed one by one as the LRU turns over,
+fragment the C allocator's arenas, and the process's memory grew far past the tier's budget
+in a 10-minute soak. One tensor of ``capacity_bytes // block_bytes`` slots, allocated on the
+first save (untouched pages cost nothing) and reused slot by slot, keeps the resident size
+bounded by the capacity.
+"""
 
 from __future__ import annotations
 
@@ -24,13 +32,34 @@ from sessions.tiers.base import (
 @dataclass(frozen=True, slots=True)
 class _HostBlock:
     token_ids: tuple[int, ...]
-    kv: torch.Tensor  # [num_layers, 2, block_size, num_kv_heads, head_dim]
-    num_bytes: int
+    slot: int  # index into the slab's block dimension
+
+
+class _Slab:
+    """``num_slots`` blocks of one layout: a tensor [layers, 2, num_slots, block_size, kv_heads,
+    head_dim] (the staged layout, so loads and saves are one indexed copy) and its free slots."""
+
+    def __init__(
+        self, block_shape: tuple[int, ...], dtype: torch.dtype, num_slots: int, pin: bool
+    ) -> None:
+        self.block_shape = block_shape
+        self.dtype = dtype
+        shape = (*block_shape[:2], num_slots, *block_shape[2:])
+        self.kv = torch.empty(shape, dtype=dtype, pin_memory=pin)
+        self.block_bytes = self.kv[:, :, 0].numel() * self.kv.element_size()
+        self.free_slots = list(range(num_slots - 1, -1, -1))  # pop() hands out slot 0 first
+
+    def fits(self, block_shape: tuple[int, ...], dtype: torch.dtype) -> bool:
+        return self.block_shape == block_shape and self.dtype == dtype
 
 
 class HostKVStore(KVTier):
     """Blocks in host memory, at most ``capacity_bytes`` of tensor data, least recently used
-    evicted first. Thread-safe. Blocks bigger than the capacity are dropped on save."""
+    evicted first. Thread-safe. Blocks bigger than the capacity are dropped on save.
+
+    The store holds one block layout (shape and dtype) at a time, as one engine produces: a
+    save in another layout drops what is held (logged) and starts a slab for the new one.
+    """
 
     tier_name = "host"
 
@@ -39,6 +68,7 @@ class HostKVStore(KVTier):
             raise ValueError(f"capacity_bytes must be >= 0, got {capacity_bytes}")
         self.capacity_bytes = capacity_bytes
         self._blocks: OrderedDict[BlockHash, _HostBlock] = OrderedDict()  # oldest first
+        self._slab: _Slab | None = None
         self._lock = threading.Lock()
         self._pin_memory = torch.cuda.is_available()
         self._stats = KVTierStats()
@@ -61,17 +91,17 @@ class HostKVStore(KVTier):
         with self._lock:
             found = [self._find(h, tuple(t)) for h, t in zip(block_hashes, token_ids, strict=True)]
             blocks = [block for block in found if block is not None]
-            if not found or len(blocks) < len(found) or not _same_layout(blocks):
+            if not found or len(blocks) < len(found) or self._slab is None:
                 self._stats.misses += len(found)
                 return None
             for block_hash in reversed(block_hashes):  # prefix ends up most recently used
                 self._blocks.move_to_end(block_hash)
             self._stats.hits += len(blocks)
-        # Stored tensors are never written after save, so copying outside the lock is safe.
-        first = blocks[0].kv
-        staged = empty_staged(first.shape, first.dtype, len(blocks), self._pin_memory)
-        for block_idx, block in enumerate(blocks):
-            staged[:, :, block_idx].copy_(block.kv)
+            # Copied under the lock: a concurrent save may reuse a slot once it is evicted.
+            slab = self._slab
+            slots = torch.tensor([block.slot for block in blocks], dtype=torch.long)
+            staged = empty_staged(slab.block_shape, slab.dtype, len(blocks), self._pin_memory)
+            torch.index_select(slab.kv, 2, slots, out=staged)
         return staged
 
     def save(
@@ -83,23 +113,45 @@ class HostKVStore(KVTier):
         """See ``KVStore.save``. Held blocks are only touched. Blocks go in tail first, so when
         the capacity runs out within one call it is the prefix that stays."""
         check_save_args(block_hashes, token_ids, staged)
+        if not block_hashes:
+            return
         block_shape = block_shape_of(staged)
-        num_bytes = staged[:, :, 0].numel() * staged.element_size() if len(block_hashes) else 0
+        num_bytes = staged[:, :, 0].numel() * staged.element_size()
+        num_slots = self.capacity_bytes // num_bytes
+        if num_slots == 0:
+            return  # a block bigger than the whole capacity
         with self._lock:
+            slab = self._slab_for(block_shape, staged.dtype, num_slots)
             for block_idx in reversed(range(len(block_hashes))):
                 block_hash = block_hashes[block_idx]
                 if block_hash in self._blocks:
                     self._blocks.move_to_end(block_hash)
                     continue
-                if num_bytes > self.capacity_bytes:
-                    continue
-                self._evict_down_to(self.capacity_bytes - num_bytes)
-                kv = torch.empty(block_shape, dtype=staged.dtype, pin_memory=self._pin_memory)
-                kv.copy_(staged[:, :, block_idx])
+                if not slab.free_slots:
+                    self._drop(next(iter(self._blocks)))
+                    self._stats.evictions += 1
+                slot = slab.free_slots.pop()
+                slab.kv[:, :, slot].copy_(staged[:, :, block_idx])
                 tokens = tuple(int(t) for t in token_ids[block_idx])
-                self._blocks[block_hash] = _HostBlock(tokens, kv, num_bytes)
+                self._blocks[block_hash] = _HostBlock(tokens, slot)
                 self._stats.bytes_used += num_bytes
                 self._stats.bytes_written += num_bytes
+
+    def _slab_for(self, block_shape: tuple[int, ...], dtype: torch.dtype, num_slots: int) -> _Slab:
+        if self._slab is not None and self._slab.fits(block_shape, dtype):
+            return self._slab
+        if self._blocks:
+            logger.warning(
+                "host KV tier: blocks of shape %s %s replace %d held blocks of another layout",
+                block_shape,
+                dtype,
+                len(self._blocks),
+            )
+            self._blocks.clear()
+            self._stats.bytes_used = 0
+        self._slab = None  # free the old slab before allocating the new one
+        self._slab = _Slab(block_shape, dtype, num_slots, self._pin_memory)
+        return self._slab
 
     def _find(self, block_hash: BlockHash, token_ids: tuple[int, ...]) -> _HostBlock | None:
         block = self._blocks.get(block_hash)
@@ -110,18 +162,8 @@ class HostKVStore(KVTier):
             return None
         return block
 
-    def _evict_down_to(self, limit_bytes: int) -> None:
-        while self._stats.bytes_used > limit_bytes and self._blocks:
-            self._drop(next(iter(self._blocks)))
-            self._stats.evictions += 1
-
     def _drop(self, block_hash: BlockHash) -> None:
-        self._stats.bytes_used -= self._blocks.pop(block_hash).num_bytes
-
-
-def _same_layout(blocks: Sequence[_HostBlock]) -> bool:
-    first = blocks[0].kv
-    if all(b.kv.shape == first.shape and b.kv.dtype == first.dtype for b in blocks):
-        return True
-    logger.warning("host KV blocks of one load differ in shape or dtype; not loaded")
-    return False
+        block = self._blocks.pop(block_hash)
+        assert self._slab is not None  # blocks exist only while their slab does
+        self._slab.free_slots.append(block.slot)
+        self._stats.bytes_used -= self._slab.block_bytes
