@@ -1,10 +1,9 @@
-"""A background thread for KV store writes, so the step loop does not wait on them.
+"""A background thread for KV store transfers, so the step loop does not wait on them.
 
 Saving a block to a lower tier is a host copy (host tier) or a network write (Redis) of a
-tensor already staged on the CPU; both release the GIL, so the next forward pass runs while
-the write goes on. Reads stay on the caller's thread, after ``wait_idle``: a store is only
-read once every write submitted before is in it, so no read misses a block because its write
-was still queued (the token history stays the truth either way; this keeps hits exact).
+tensor already staged on the CPU; reading a prefix back is the reverse. Both release the GIL,
+so the forward pass runs while they go on. Jobs run in submission order, so a read sees every
+write submitted before it (see ``engine.offload_manager``).
 """
 
 from __future__ import annotations
@@ -14,6 +13,8 @@ import queue
 import threading
 from collections.abc import Callable
 from typing import Any
+
+import torch
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +71,11 @@ class TransferWorker:
             self._idle.wait_for(lambda: self._num_pending == 0)
 
     def _run(self) -> None:
+        # One compute thread for this thread's copies. With torch's default (all cores), each
+        # copy here starts an OpenMP team of its own whose threads spin beside the forward
+        # pass's team: on 2 cores a background copy every 50 ms made a forward pass 42 %
+        # slower; with one thread, not measurably (docs/BENCHMARKS.md, "transfer thread").
+        torch.set_num_threads(1)
         while (job := self._jobs.get()) is not None:
             _run_job(*job)
             del job  # hold no finished job's arguments (staged tensors) while waiting
