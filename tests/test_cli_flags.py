@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import json
 import os
@@ -132,18 +133,18 @@ def test_serve_flags_parse_into_the_engine_config_and_options():
 
 
 def test_bad_flag_values_exit_with_a_clear_error_before_loading(tmp_path):
-    done = tarry("serve", "--override-generation-config", '{"temprature": 0.1}')
-    assert done.returncode == 2 and "unknown keys ['temprature']" in done.stderr
-    done = tarry("serve", "--override-generation-config", "{not json")
-    assert done.returncode == 2 and "not valid JSON" in done.stderr
-    done = tarry("serve", "--chat-template", str(tmp_path / "missing.jinja"))
-    assert done.returncode == 2 and "neither a file nor a Jinja template" in done.stderr
-    done = tarry("serve", "--max-num-seqs", "0")
-    assert done.returncode == 2 and "max_num_seqs" in done.stderr
-    done = tarry("serve", "--max-sessions", "0")
-    assert done.returncode == 2 and "--max-sessions must be >= 1" in done.stderr
-    done = tarry("serve", "--owner-probe-timeout-s", "0")
-    assert done.returncode == 2 and "--owner-probe-timeout-s must be > 0" in done.stderr
+    cases = [  # (flags, what stderr must say); each is its own `tarry serve`, run side by side
+        (("--override-generation-config", '{"temprature": 0.1}'), "unknown keys ['temprature']"),
+        (("--override-generation-config", "{not json"), "not valid JSON"),
+        (("--chat-template", str(tmp_path / "missing.jinja")), "neither a file nor a Jinja"),
+        (("--max-num-seqs", "0"), "max_num_seqs"),
+        (("--max-sessions", "0"), "--max-sessions must be >= 1"),
+        (("--owner-probe-timeout-s", "0"), "--owner-probe-timeout-s must be > 0"),
+    ]
+    with concurrent.futures.ThreadPoolExecutor(len(cases)) as pool:
+        runs = list(pool.map(lambda case: tarry("serve", *case[0]), cases))
+    for (flags, message), done in zip(cases, runs, strict=True):
+        assert done.returncode == 2 and message in done.stderr, (flags, done.stderr[-500:])
 
 
 def test_generation_config_modes(tmp_path, smollm2):
