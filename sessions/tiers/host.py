@@ -77,7 +77,8 @@ class HostKVStore(KVTier):
     def stats(self) -> KVTierStats:
         """A snapshot of the counters."""
         with self._lock:
-            return replace(self._stats)
+            block_bytes = self._slab.block_bytes if self._slab is not None else 0
+            return replace(self._stats, bytes_used=len(self._blocks) * block_bytes)
 
     def contains(self, block_hashes: Sequence[BlockHash]) -> list[bool]:
         with self._lock:
@@ -115,13 +116,12 @@ class HostKVStore(KVTier):
         check_save_args(block_hashes, token_ids, staged)
         if not block_hashes:
             return
-        block_shape = block_shape_of(staged)
         num_bytes = staged[:, :, 0].numel() * staged.element_size()
         num_slots = self.capacity_bytes // num_bytes
         if num_slots == 0:
             return  # a block bigger than the whole capacity
         with self._lock:
-            slab = self._slab_for(block_shape, staged.dtype, num_slots)
+            slab = self._slab_for(block_shape_of(staged), staged.dtype, num_slots)
             for block_idx in reversed(range(len(block_hashes))):
                 block_hash = block_hashes[block_idx]
                 if block_hash in self._blocks:
@@ -134,7 +134,6 @@ class HostKVStore(KVTier):
                 slab.kv[:, :, slot].copy_(staged[:, :, block_idx])
                 tokens = tuple(int(t) for t in token_ids[block_idx])
                 self._blocks[block_hash] = _HostBlock(tokens, slot)
-                self._stats.bytes_used += num_bytes
                 self._stats.bytes_written += num_bytes
 
     def _slab_for(self, block_shape: tuple[int, ...], dtype: torch.dtype, num_slots: int) -> _Slab:
@@ -148,7 +147,6 @@ class HostKVStore(KVTier):
                 len(self._blocks),
             )
             self._blocks.clear()
-            self._stats.bytes_used = 0
         self._slab = None  # free the old slab before allocating the new one
         self._slab = _Slab(block_shape, dtype, num_slots, self._pin_memory)
         return self._slab
@@ -166,4 +164,3 @@ class HostKVStore(KVTier):
         block = self._blocks.pop(block_hash)
         assert self._slab is not None  # blocks exist only while their slab does
         self._slab.free_slots.append(block.slot)
-        self._stats.bytes_used -= self._slab.block_bytes
