@@ -22,6 +22,7 @@ from engine.decode_graph import DecodeOptions, DecodeRunner
 from engine.model_loader import LoadedModel
 from engine.step_inputs import SeqChunk, pack_chunks
 from kernels import ops
+from kernels.cpu_linear import install_rows_linears
 
 KV_LAYOUT = "LKBTHD"
 
@@ -61,6 +62,8 @@ class ModelRunner:
         self.loaded = loaded
         self.model = loaded.model
         self.model.set_attn_implementation(register_paged_attention())
+        if loaded.device.type == "cpu":  # decode steps' few rows: see kernels.cpu_linear
+            install_rows_linears(self.model)
         self.device = loaded.device
         self.block_size = block_size
         self.kv_shape = kv_shape_of(self.model.config)

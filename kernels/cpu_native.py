@@ -1,49 +1,28 @@
 """The compiled CPU kernel for paged attention of single query rows (``csrc/paged_rows.c``).
 
-The C source is compiled on first use with the system C compiler (``gcc -O3 -march=native
--fopenmp``) into ``<cache>/kernels/paged_rows-<hash>.so`` and loaded with ``ctypes``; the hash
-covers the source, the flags and the CPU's feature flags, so a cache shared between machines
-never loads a library built for another CPU. Compiling takes about a second, once per machine.
-Where no compiler works, ``load_paged_rows()`` returns ``None`` (with one warning) and the
-caller keeps its torch path.
-
-The library links ``libgomp.so.1``, the OpenMP runtime torch itself loads, so its threads are
-torch's threads (``torch.get_num_threads()`` of them), not a second pool.
+Built on first use by ``kernels.native_build`` (once per machine, about a second). Where no
+compiler works, ``load_paged_rows()`` returns ``None`` (with one warning) and the caller keeps
+its torch path.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import logging
 import os
-import shutil
 import subprocess
-import tempfile
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
+from kernels import native_build
 from kernels.units import cdiv
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).resolve().parent / "csrc" / "paged_rows.c"
-CFLAGS = [
-    "-O3",
-    "-march=native",
-    "-fopenmp",
-    "-fPIC",
-    "-shared",
-    # Let gcc vectorise the dot products (reassociate float sums); infinities stay exact.
-    "-fno-math-errno",
-    "-fassociative-math",
-    "-fno-signed-zeros",
-    "-fno-trapping-math",
-]
+SOURCE = native_build.CSRC / "paged_rows.c"
 MAX_HEADS, MAX_HEAD_DIM, MAX_BLOCK = 64, 256, 128  # the C kernel refuses larger shapes
 
 _i64 = ctypes.c_int64
@@ -57,61 +36,14 @@ _ARGTYPES: list[Any] = (
 )
 
 
-def _cpu_flags() -> str:
-    """The ``flags`` line of /proc/cpuinfo ('' where there is none)."""
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("flags"):
-                    return line
-    except OSError:
-        pass
-    return ""
-
-
-def _cache_dir() -> Path:
-    """``$TARRY_CACHE_DIR/kernels`` or ``~/.cache/tarry/kernels`` (as the model cache)."""
-    root = os.environ.get("TARRY_CACHE_DIR") or Path.home() / ".cache" / "tarry"
-    return Path(root) / "kernels"
-
-
-def _build(library: Path) -> None:
-    """Compile ``SOURCE`` into ``library`` atomically (a concurrent build may win the race)."""
-    compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
-    if compiler is None:
-        raise RuntimeError("no C compiler (gcc or cc) on PATH")
-    library.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=library.parent)
-    os.close(fd)
-    try:
-        subprocess.run(
-            [compiler, *CFLAGS, str(SOURCE), "-o", tmp, "-lm"],
-            check=True,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        os.replace(tmp, library)
-    except subprocess.CalledProcessError as err:
-        raise RuntimeError(f"{compiler} failed: {err.stderr.strip()}") from err
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 @functools.lru_cache(maxsize=1)
 def load_paged_rows() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
     """The compiled ``tarry_paged_rows_f32``, building it on first use; ``None`` where it
     cannot be built or loaded (logged once). ``TARRY_NATIVE_ATTENTION=0`` turns it off."""
     if os.environ.get("TARRY_NATIVE_ATTENTION", "1") == "0":
         return None
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join(CFLAGS).encode() + _cpu_flags().encode())
-    library = _cache_dir() / f"paged_rows-{key.hexdigest()[:16]}.so"
     try:
-        if not library.exists():
-            _build(library)
-        function = ctypes.CDLL(str(library)).tarry_paged_rows_f32
+        function = native_build.load_library(SOURCE).tarry_paged_rows_f32
     except (OSError, RuntimeError, subprocess.SubprocessError) as err:
         logger.warning("compiled CPU attention unavailable, using the torch path: %s", err)
         return None

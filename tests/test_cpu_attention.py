@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import cpu_native, ops
+from kernels import cpu_native, native_build, ops
 from kernels.cpu_attention import (
     paged_attention_cpu,
     plan_paged_attention_cpu,
@@ -82,7 +82,7 @@ def test_build_into_a_fresh_directory(tmp_path):
     import ctypes
 
     library = tmp_path / "kernels" / "paged_rows-test.so"
-    cpu_native._build(library)
+    native_build.build(cpu_native.SOURCE, library)
     assert hasattr(ctypes.CDLL(str(library)), "tarry_paged_rows_f32")
     assert [p.name for p in library.parent.iterdir()] == [library.name]  # no temp file left
 
