@@ -24,6 +24,7 @@ import logging
 import os
 import platform
 import subprocess
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -42,7 +43,7 @@ _EXTRA_FLAGS = ("-mprefer-vector-width=512",) if platform.machine() in ("x86_64"
 
 _i64 = ctypes.c_int64
 _ptr = ctypes.c_void_p
-_ARGTYPES = [_ptr, _i64, _ptr, _ptr, _ptr, _i64, _i64, _i64, ctypes.c_int]
+_ARGTYPES: list[Any] = [_ptr, _i64, _ptr, _ptr, _ptr, _i64, _i64, _i64, ctypes.c_int]
 
 
 @functools.lru_cache(maxsize=1)
@@ -106,6 +107,9 @@ class RowsLinear(nn.Module):
     """An ``nn.Linear`` (same weight and bias parameters, same state-dict keys) whose
     ``MIN_ROWS..MAX_ROWS``-row inputs go to the compiled kernel when no gradient is wanted;
     everything else is ``F.linear``."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
