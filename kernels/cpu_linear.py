@@ -20,10 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import logging
-import os
 import platform
-import subprocess
 from typing import Any
 
 import torch
@@ -31,8 +28,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels import native_build
-
-logger = logging.getLogger(__name__)
 
 SOURCE = native_build.CSRC / "small_linear.c"
 # Rows (tokens of a step) that go to the kernel; others stay with torch (see the docstring).
@@ -50,16 +45,9 @@ _ARGTYPES: list[Any] = [_ptr, _i64, _ptr, _ptr, _ptr, _i64, _i64, _i64, ctypes.c
 def load_small_linear() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
     """The compiled ``tarry_small_linear_f32``, building it on first use; ``None`` where it
     cannot be built or loaded (logged once). ``TARRY_NATIVE_LINEAR=0`` turns it off."""
-    if os.environ.get("TARRY_NATIVE_LINEAR", "1") == "0":
-        return None
-    try:
-        function = native_build.load_library(SOURCE, _EXTRA_FLAGS).tarry_small_linear_f32
-    except (OSError, RuntimeError, subprocess.SubprocessError) as err:
-        logger.warning("compiled CPU linear unavailable, using torch's: %s", err)
-        return None
-    function.argtypes = _ARGTYPES
-    function.restype = ctypes.c_int
-    return function
+    return native_build.load_function(
+        SOURCE, "tarry_small_linear_f32", _ARGTYPES, "TARRY_NATIVE_LINEAR", _EXTRA_FLAGS
+    )
 
 
 def small_rows_linear(

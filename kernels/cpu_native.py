@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import logging
-import os
-import subprocess
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -19,8 +16,6 @@ import torch
 
 from kernels import native_build
 from kernels.units import cdiv
-
-logger = logging.getLogger(__name__)
 
 SOURCE = native_build.CSRC / "paged_rows.c"
 MAX_HEADS, MAX_HEAD_DIM, MAX_BLOCK = 64, 256, 128  # the C kernel refuses larger shapes
@@ -40,16 +35,9 @@ _ARGTYPES: list[Any] = (
 def load_paged_rows() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
     """The compiled ``tarry_paged_rows_f32``, building it on first use; ``None`` where it
     cannot be built or loaded (logged once). ``TARRY_NATIVE_ATTENTION=0`` turns it off."""
-    if os.environ.get("TARRY_NATIVE_ATTENTION", "1") == "0":
-        return None
-    try:
-        function = native_build.load_library(SOURCE).tarry_paged_rows_f32
-    except (OSError, RuntimeError, subprocess.SubprocessError) as err:
-        logger.warning("compiled CPU attention unavailable, using the torch path: %s", err)
-        return None
-    function.argtypes = _ARGTYPES
-    function.restype = ctypes.c_int
-    return function
+    return native_build.load_function(
+        SOURCE, "tarry_paged_rows_f32", _ARGTYPES, "TARRY_NATIVE_ATTENTION"
+    )
 
 
 def supports(

@@ -13,11 +13,15 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import logging
 import os
 import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
 
 CSRC = Path(__file__).resolve().parent / "csrc"
 CFLAGS = [
@@ -87,3 +91,25 @@ def load_library(source: Path, extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL
     if not library.exists():
         build(source, library, extra_flags)
     return ctypes.CDLL(str(library))
+
+
+def load_function(
+    source: Path,
+    symbol: str,
+    argtypes: list[Any],
+    off_switch: str,
+    extra_flags: tuple[str, ...] = (),
+) -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
+    """``symbol`` of the compiled ``source`` with its ``argtypes`` (returning a C ``int``),
+    or ``None`` where it cannot be built or loaded (logged: the caller keeps its torch path)
+    or the environment variable ``off_switch`` is ``0``."""
+    if os.environ.get(off_switch, "1") == "0":
+        return None
+    try:
+        function = getattr(load_library(source, extra_flags), symbol)
+    except (OSError, AttributeError, RuntimeError, subprocess.SubprocessError) as err:
+        logger.warning("compiled kernel %s unavailable, using torch: %s", symbol, err)
+        return None
+    function.argtypes = argtypes
+    function.restype = ctypes.c_int
+    return function
