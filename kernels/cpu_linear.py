@@ -4,7 +4,7 @@ A decode step multiplies a handful of rows (one per sequence, padded to the deco
 every weight matrix of the model. With so few rows the layer should cost one read of its
 weight, but torch's BLAS call re-packs the weight in every call: on SmolLM2-135M's shapes (2
 cores, float32) the 30 layers' linears took ~21 ms for 1 row, ~64 ms for 8 and ~115 ms for 16;
-the compiled kernel takes ~37 ms for 8 rows and ~48 ms for 16 (``bench/cpu_linear_bench.py``;
+the compiled kernel takes ~42 ms for 8 rows and ~55 ms for 16 (``bench/cpu_linear_bench.py``;
 docs/BENCHMARKS.md, "Linear layers of a decode step"). One row (a matrix-vector product),
 2-3 rows and more than ``MAX_ROWS`` rows (prefill chunks) stay with torch, which is as fast or
 faster there.
@@ -69,6 +69,18 @@ def small_rows_linear(
             raise RuntimeError("the compiled CPU linear takes float32 CPU tensors")
     if not weight.is_contiguous() or (bias is not None and not bias.is_contiguous()):
         raise RuntimeError("the compiled CPU linear reads a contiguous weight and bias")
+    return _run(function, x, weight, bias)
+
+
+def _run(
+    function: ctypes._CFuncPtr,  # type: ignore[name-defined]
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """The kernel call of ``small_rows_linear`` on tensors already checked (``RowsLinear``
+    checks its weight and bias once, when it is installed)."""
+    out_features, in_features = weight.shape
     rows = x.reshape(-1, in_features)
     if rows.shape[0] == 0:
         return x.new_empty(*x.shape[:-1], out_features)
@@ -94,7 +106,8 @@ def small_rows_linear(
 class RowsLinear(nn.Module):
     """An ``nn.Linear`` (same weight and bias parameters, same state-dict keys) whose
     ``MIN_ROWS..MAX_ROWS``-row inputs go to the compiled kernel when no gradient is wanted;
-    everything else is ``F.linear``."""
+    everything else is ``F.linear``. Made by ``install_rows_linears``, which checks the weight
+    and bias (float32, CPU, contiguous) and that the kernel is available."""
 
     weight: torch.Tensor
     bias: torch.Tensor | None
@@ -110,11 +123,13 @@ class RowsLinear(nn.Module):
         num_rows = x.numel() // self.in_features if self.in_features else 0
         if (
             MIN_ROWS <= num_rows <= MAX_ROWS
+            and x.shape[-1] == self.in_features  # else F.linear raises its usual error
             and x.dtype == torch.float32
             and x.device.type == "cpu"
             and not (torch.is_grad_enabled() and self.weight.requires_grad)
         ):
-            return small_rows_linear(x, self.weight, self.bias)
+            function = load_small_linear()  # cached; available, or nothing was installed
+            return _run(function, x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
