@@ -22,7 +22,9 @@ TTFT = request sent -> first streamed text. Reported: wall time, TTFT medians of
 second half of the turns (turns 1-4 and 5-8 at K=8), generation throughput (output tokens /
 wall), prompt and cached tokens from usage, and the diff of the server's ``/metrics`` counters
 (Tarry: prompt tokens cached per tier and computed, for every surface; vLLM: prefix-cache
-queries/hits).
+queries/hits), and the machine's CPU steal during the run (on a VM, the host's contention: it
+moves the same run's wall by tens of percent, see docs/BENCHMARKS.md; compare runs of similar
+steal).
 
 The prompts are the same in every run, so greedy replies are comparable across servers. So that
 a run cannot reuse KV an earlier run left on the same server, each run has its own cache salt:
@@ -260,13 +262,34 @@ def run_agents(target: Target, work: Workload, protocol: str) -> tuple[list[Turn
     return turns, wall
 
 
+def cpu_ticks() -> tuple[int, int] | None:
+    """(steal, total) CPU ticks of the whole machine since boot, from ``/proc/stat``; None
+    where there is none. Steal is time the VM's host ran something else while this machine
+    had work: on a shared VM it varies from run to run and slows every run it hits."""
+    try:
+        with open("/proc/stat") as stat:
+            fields = [int(v) for v in stat.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return (fields[7] if len(fields) > 7 else 0), sum(fields[:8])
+
+
+def steal_percent(before: tuple[int, int] | None, after: tuple[int, int] | None) -> float | None:
+    """Share of the machine's CPU time stolen by the VM host between two ``cpu_ticks``."""
+    if before is None or after is None or after[1] == before[1]:
+        return None
+    return 100.0 * (after[0] - before[0]) / (after[1] - before[1])
+
+
 def median_ttft_ms(turns: list[Turn], first: int, last: int) -> float | None:
     """Median TTFT in ms of 0-based turns ``first..last-1``; None when there are none."""
     times = [t.ttft_s * 1000 for t in turns if first <= t.turn < last and t.ttft_s is not None]
     return statistics.median(times) if times else None
 
 
-def summarise(turns: list[Turn], wall: float, work: Workload) -> dict[str, Any]:
+def summarise(
+    turns: list[Turn], wall: float, work: Workload, steal: float | None = None
+) -> dict[str, Any]:
     half = (work.turns + 1) // 2
     output = sum(t.output_tokens for t in turns)
     prompt = sum(t.prompt_tokens for t in turns)
@@ -288,6 +311,7 @@ def summarise(turns: list[Turn], wall: float, work: Workload) -> dict[str, Any]:
         "cached_fraction": cached / prompt if prompt else 0.0,
         "short_replies": sum(t.output_tokens < work.max_tokens for t in turns),
         "turns_without_text": sum(t.ttft_s is None for t in turns),
+        "cpu_steal_percent": steal,
     }
 
 
@@ -299,6 +323,11 @@ def print_summary(label: str, summary: dict[str, Any], counters: dict[str, float
     s = summary
     print(f"\n=== agent_bench: {label} ===")
     print(f"wall                 {s['wall_s']:.1f} s")
+    if s.get("cpu_steal_percent") is not None:
+        print(
+            f"cpu steal            {s['cpu_steal_percent']:.1f} % of the machine's CPU time"
+            " (VM host contention: compare runs of similar steal)"
+        )
     print(
         f"TTFT median          turns {s['early_turns']}: {fmt_ms(s['ttft_early_median_ms'])}"
         f"   turns {s['late_turns']}: {fmt_ms(s['ttft_late_median_ms'])}"
@@ -381,10 +410,12 @@ def main() -> None:
     )
     warm_up(target)
     before = scrape_counters(base_url, api_key)
+    ticks_before = cpu_ticks()
     turns, wall = run_agents(target, work, args.protocol)
+    steal = steal_percent(ticks_before, cpu_ticks())
     after = scrape_counters(base_url, api_key)
     counters = diff_counters(before, after) if before is not None and after is not None else None
-    summary = summarise(turns, wall, work)
+    summary = summarise(turns, wall, work, steal)
     print_summary(label, summary, counters)
     if args.json_out:
         result = {

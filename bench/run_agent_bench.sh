@@ -24,7 +24,10 @@
 #
 # Env: TARRY_URL (http://127.0.0.1:8000), VLLM_URL (http://127.0.0.1:8100),
 # PYTHON (the interpreter with openai + websockets; default .venv/bin/python or python3),
-# OUT_DIR (where the three JSON results go; default a new temporary folder).
+# OUT_DIR (where the JSON results go, round<N>/<run>.json; default a new temporary folder),
+# ROUNDS (how many times to run the three, one after another; default 1). Each run reports the
+# machine's CPU steal: on a shared VM the host's contention moves the walls by tens of percent,
+# so compare ratios within a round and look at the median over rounds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -35,44 +38,69 @@ if [[ -z "${PYTHON:-}" ]]; then
 fi
 OUT_DIR=${OUT_DIR:-$(mktemp -d /tmp/agent_bench.XXXXXX)}
 
-"$PYTHON" bench/agent_bench.py --base-url "$TARRY_URL" --protocol http --label tarry_http \
-    --json-out "$OUT_DIR/tarry_http.json" "$@"
-"$PYTHON" bench/agent_bench.py --base-url "$TARRY_URL" --protocol ws --label tarry_ws \
-    --json-out "$OUT_DIR/tarry_ws.json" "$@"
-"$PYTHON" bench/agent_bench.py --base-url "$VLLM_URL" --protocol http --label vllm_http \
-    --json-out "$OUT_DIR/vllm_http.json" "$@"
+ROUNDS=${ROUNDS:-1}
+for round in $(seq 1 "$ROUNDS"); do
+    dir="$OUT_DIR/round$round"
+    mkdir -p "$dir"
+    "$PYTHON" bench/agent_bench.py --base-url "$TARRY_URL" --protocol http --label tarry_http \
+        --json-out "$dir/tarry_http.json" "$@"
+    "$PYTHON" bench/agent_bench.py --base-url "$TARRY_URL" --protocol ws --label tarry_ws \
+        --json-out "$dir/tarry_ws.json" "$@"
+    "$PYTHON" bench/agent_bench.py --base-url "$VLLM_URL" --protocol http --label vllm_http \
+        --json-out "$dir/vllm_http.json" "$@"
+done
 
-"$PYTHON" - "$OUT_DIR" <<'EOF'
+"$PYTHON" - "$OUT_DIR" "$ROUNDS" <<'EOF'
 import json
+import statistics
 import sys
 
-runs = {n: json.load(open(f"{sys.argv[1]}/{n}.json"))["summary"] for n in
-        ("tarry_http", "tarry_ws", "vllm_http")}
-peer = runs["vllm_http"]
+out_dir, rounds = sys.argv[1], int(sys.argv[2])
+names = ("tarry_http", "tarry_ws", "vllm_http")
+
+
+def load(round_no, name):
+    with open(f"{out_dir}/round{round_no}/{name}.json") as f:
+        return json.load(f)
 
 
 def ratio(a, b):
-    return "-" if a is None or b is None or b == 0 else f"{a / b:.2f}x"
+    return None if a is None or b is None or b == 0 else a / b
 
 
-print(f"\n=== ratios vs vLLM HTTP (results in {sys.argv[1]}) ===")
-print("run         | wall s | speed-up (vLLM wall / wall) | late TTFT / vLLM's | tok/s / vLLM's"
-      " | cached %")
-for name, s in runs.items():
-    print(f"{name:<11} | {s['wall_s']:6.1f} | {ratio(peer['wall_s'], s['wall_s']):>27} |"
-          f" {ratio(s['ttft_late_median_ms'], peer['ttft_late_median_ms']):>18} |"
-          f" {ratio(s['throughput_tok_s'], peer['throughput_tok_s']):>14} |"
-          f" {100 * s['cached_fraction']:7.1f}")
+def fmt(value):
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def steal(summary):
+    value = summary.get("cpu_steal_percent")
+    return "-" if value is None else f"{value:.1f}"
+
+
+speedups = {name: [] for name in names}
+for round_no in range(1, rounds + 1):
+    runs = {name: load(round_no, name)["summary"] for name in names}
+    peer = runs["vllm_http"]
+    print(f"\n=== round {round_no}: ratios vs vLLM HTTP ({out_dir}/round{round_no}) ===")
+    print("run         | wall s | speed-up (vLLM wall / wall) | late TTFT / vLLM's |"
+          " tok/s / vLLM's | cached % | cpu steal %")
+    for name, s in runs.items():
+        speedup = ratio(peer["wall_s"], s["wall_s"])
+        speedups[name].append(speedup)
+        print(f"{name:<11} | {s['wall_s']:6.1f} | {fmt(speedup):>27} |"
+              f" {fmt(ratio(s['ttft_late_median_ms'], peer['ttft_late_median_ms'])):>18} |"
+              f" {fmt(ratio(s['throughput_tok_s'], peer['throughput_tok_s'])):>14} |"
+              f" {100 * s['cached_fraction']:8.1f} | {steal(s):>11}")
+    peer_turns = load(round_no, "vllm_http")["turns"]
+    peer_replies = {(t["agent"], t["turn"]): t["text"] for t in peer_turns}
+    for name in ("tarry_http", "tarry_ws"):
+        turns = load(round_no, name)["turns"]
+        same = sum(t["text"] == peer_replies.get((t["agent"], t["turn"])) for t in turns)
+        print(f"{name}: {same} of {len(peer_replies)} replies identical to vLLM's (greedy)")
+if rounds > 1:
+    print(f"\n=== median over {rounds} rounds ===")
+    for name in ("tarry_http", "tarry_ws"):
+        print(f"{name:<11} speed-up {fmt(statistics.median(speedups[name]))}"
+              f" (rounds: {', '.join(fmt(v) for v in speedups[name])})")
 print("targets: speed-up WS >= 2x, HTTP >= 1.5x; late TTFT <= 0.5x")
-
-
-def replies(name):
-    turns = json.load(open(f"{sys.argv[1]}/{name}.json"))["turns"]
-    return {(t["agent"], t["turn"]): t["text"] for t in turns}
-
-
-peer_replies = replies("vllm_http")
-for name in ("tarry_http", "tarry_ws"):
-    same = sum(text == peer_replies.get(key) for key, text in replies(name).items())
-    print(f"{name}: {same} of {len(peer_replies)} replies identical to vLLM's (greedy)")
 EOF
