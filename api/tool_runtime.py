@@ -17,6 +17,7 @@ own, never on the event loop.
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -132,13 +133,14 @@ class ToolRuntime:
     preprocessing takes a moment) and only ever used from the event loop thread.
 
     ``sandbox_factory(session_id)`` makes a session's sandbox (on a tool worker); None: a
-    ``PythonSandbox`` under ``sandbox_root`` with ``sandbox_limits``.
+    ``PythonSandbox`` under ``root`` with ``sandbox_limits``. ``root`` is ``sandbox_root``, or
+    without one a temporary directory of the runtime's own, which ``close`` removes.
     """
 
     tokenizer: Any
     vocab_size: int
     stop_token_ids: list[int]
-    sandbox_root: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="tarry-py-")))
+    sandbox_root: Path | None = None
     sandbox_limits: SandboxLimits = field(default_factory=SandboxLimits)
     sandbox_factory: Callable[[str], PythonSandbox] | None = None
     tool_call_parser: ToolCallFormat | None = None  # --tool-call-parser; None: from the template
@@ -159,6 +161,8 @@ class ToolRuntime:
         return self._pool
 
     def __post_init__(self) -> None:
+        self._own_root = self.sandbox_root is None
+        self.root = self.sandbox_root or Path(tempfile.mkdtemp(prefix="tarry-py-"))
         # Chosen once: forced calls are written in the format the parser reads.
         self.call_format: ToolCallFormat = self.tool_call_parser or tool_call_format(self.tokenizer)
 
@@ -220,7 +224,7 @@ class ToolRuntime:
     def _new_sandbox(self, session_id: str) -> PythonSandbox:
         if self.sandbox_factory is not None:
             return self.sandbox_factory(session_id)
-        return PythonSandbox(self.sandbox_root, self.sandbox_limits)
+        return PythonSandbox(self.root, self.sandbox_limits)
 
     def close_sandbox(self, session_id: str) -> None:
         """Close a session's sandbox on the cleanup thread (the event loop never waits)."""
@@ -238,6 +242,8 @@ class ToolRuntime:
         self._cleanup.shutdown(wait=True)
         for session_id in list(self._sandboxes):
             self._sandboxes.pop(session_id).close()
+        if self._own_root:
+            shutil.rmtree(self.root, ignore_errors=True)
 
 
 def call_token_budget(max_tokens: int | None) -> int:

@@ -66,12 +66,12 @@ def test_idle_session_expires_with_its_python_sandbox(server: tuple[str, ServerS
         client.user("Say hi.")
         assert client.respond(temperature=0, max_output_tokens=4)[0]
         touched = time.monotonic()  # the turn's end touched it last
-        before = set(state.tools.sandbox_root.iterdir())
+        before = set(state.tools.root.iterdir())
         output = asyncio.run(
             state.tools.run_python(info["id"], json.dumps({"code": "print(6 * 7)"}))
         )
         assert "42" in output
-        sandbox_dirs = set(state.tools.sandbox_root.iterdir()) - before
+        sandbox_dirs = set(state.tools.root.iterdir()) - before
         assert sandbox_dirs  # the session's interpreter has a directory of its own
 
         wait_for(lambda: info["id"] not in _session_ids(state), IDLE_S + 3, "idle expiry")

@@ -231,3 +231,18 @@ def test_closing_a_sandbox_never_blocks_the_event_loop(tmp_path):
     assert asyncio.run(scenario()) < 0.05
     runtime.close()  # waits for the cleanup thread
     assert list(tmp_path.iterdir()) == []
+
+
+def test_close_removes_the_runtimes_own_sandbox_root_only(tmp_path):
+    """A runtime without ``sandbox_root`` makes a temporary directory and removes it on close
+    (a server restarted many times leaves nothing in /tmp); a given root stays."""
+    own = ToolRuntime(None, 0, [], tool_call_parser="hermes")
+    assert own.root.is_dir() and own.root.name.startswith("tarry-py-")
+    (own.root / "leftover").mkdir()  # e.g. a sandbox directory a crash left behind
+    own.close()
+    assert not own.root.exists()
+
+    given = ToolRuntime(None, 0, [], sandbox_root=tmp_path, tool_call_parser="hermes")
+    assert given.root == tmp_path
+    given.close()
+    assert tmp_path.is_dir()
