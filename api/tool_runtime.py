@@ -161,7 +161,6 @@ class ToolRuntime:
         return self._pool
 
     def __post_init__(self) -> None:
-        self._own_root = self.sandbox_root is None
         self.root = self.sandbox_root or Path(tempfile.mkdtemp(prefix="tarry-py-"))
         # Chosen once: forced calls are written in the format the parser reads.
         self.call_format: ToolCallFormat = self.tool_call_parser or tool_call_format(self.tokenizer)
@@ -242,7 +241,7 @@ class ToolRuntime:
         self._cleanup.shutdown(wait=True)
         for session_id in list(self._sandboxes):
             self._sandboxes.pop(session_id).close()
-        if self._own_root:
+        if self.sandbox_root is None:  # the root is the runtime's own temporary directory
             shutil.rmtree(self.root, ignore_errors=True)
 
 
