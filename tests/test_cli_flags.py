@@ -210,6 +210,8 @@ def test_tool_call_parser_override_decides_the_parse(smollm2):
     assert [c.name for c in calls] == ["get_weather"]
     hermes = runtime.parser()
     assert not [e for e in hermes.feed(text) + hermes.finish() if hasattr(e, "call")]
+    runtime.close()  # removes its temporary sandbox root
+    llama.close()
 
 
 def test_real_tarry_serve_with_vllm_flags(tmp_path, smollm2):
