@@ -45,6 +45,7 @@ from engine.block_pool import BlockHash, KVBlock
 from engine.kv_cache_manager import KVCacheManager
 from engine.kv_store import KVStore
 from engine.request import Request
+from engine.scheduler import RestoreResult, RestoreWait
 from engine.transfer_worker import TransferWorker
 from kernels import ops
 
@@ -231,7 +232,7 @@ class OffloadManager:
             in_store = held.index(False) if False in held else len(held)
         return on_device * self.block_size, in_store * self.block_size
 
-    def restore_prefix(self, request: Request, max_new_tokens: int) -> list[KVBlock] | None:
+    def restore_prefix(self, request: Request, max_new_tokens: int) -> RestoreResult:
         """Bring back the blocks of ``request``'s prefix that the store holds and the device
         lacks (the scheduler calls this right before admitting it, so blocks are only
         restored for a request about to use them).
@@ -239,10 +240,11 @@ class OffloadManager:
         Returns None when a load started: the request must wait (``poll_restores`` names it
         once the load finished) and be admitted again, when this returns its restored blocks,
         cached and held one reference each until the caller passes them to
-        ``KVCacheManager.release``. Returns [] without a store or a hit, after a failed load
-        (the prefix is then recomputed), and when the pool has no room for the restored
-        blocks plus the request's first ``max_new_tokens`` new tokens (it could not be
-        admitted; it tries again at its next admission)."""
+        ``KVCacheManager.release``. Returns [] without a store or a hit, and after a failed
+        load (the prefix is then recomputed). Returns ``RestoreWait.NO_ROOM`` (nothing held)
+        when the pool has no room for the restored blocks plus the request's first
+        ``max_new_tokens`` new tokens, even after reclaiming pins: the scheduler decides
+        whether the request waits for room or recomputes."""
         load = self.loads.get(request.request_id)
         if load is not None:  # failed loads stay until the request ends: no second try
             assert load.state != "loading", "a request was admitted while its load ran"
@@ -358,7 +360,10 @@ class OffloadManager:
 
     def _start_restore(
         self, store: KVStore, request: Request, max_new_tokens: int
-    ) -> list[KVBlock] | None:
+    ) -> RestoreResult:
+        # Blocks evicted earlier in this schedule (by another admission's allocation) are
+        # still intact: submit their writes now, so this load finds them and runs after them.
+        self.write_back_evicted()
         max_blocks = (request.num_tokens - 1) // self.block_size
         hashes = self.kv_manager.block_hashes(request)[:max_blocks]
         on_device = self.kv_manager.cached_prefix(request.all_token_ids, hashes)
@@ -382,10 +387,10 @@ class OffloadManager:
         on_device: list[KVBlock],
         hashes: list[BlockHash],
         num_blocks: int,
-    ) -> list[KVBlock] | None:
+    ) -> RestoreWait | None:
         """Take the blocks for ``num_blocks`` restored blocks after the held ``on_device``
-        prefix (plus room for the first chunk) and start their read; [] (``on_device``
-        released) when the pool has no room."""
+        prefix (plus room for the first chunk) and start their read (None);
+        ``RestoreWait.NO_ROOM`` (``on_device`` released) when the pool has no room."""
         start = len(on_device)
         # Room for the restored blocks and the first chunk after them, or nothing: blocks
         # restored for a request that then cannot be admitted would be evicted again before
@@ -396,7 +401,7 @@ class OffloadManager:
             self.reclaim(needed)  # paused contexts make room for a resuming one
         if needed > self.kv_manager.num_free_blocks:
             self.kv_manager.release(on_device)
-            return []
+            return RestoreWait.NO_ROOM
         taken = self.kv_manager.allocate_held(needed)
         assert taken is not None
         load = PrefixLoad(

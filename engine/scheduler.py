@@ -16,11 +16,22 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
+from enum import Enum
 from typing import NamedTuple
 
 from engine.block_pool import KVBlock
 from engine.kv_cache_manager import KVCacheManager
 from engine.request import Request, RequestStatus
+
+
+class RestoreWait(Enum):
+    """What ``restore`` returns when a lower tier holds the request's prefix but the pool has
+    no room for it (and the request's first chunk) now."""
+
+    NO_ROOM = "no_room"
+
+
+RestoreResult = list[KVBlock] | RestoreWait | None
 
 
 class ScheduledRequest(NamedTuple):
@@ -53,7 +64,7 @@ class Scheduler:
         max_num_seqs: int,
         reclaim: Callable[[int], bool] | None = None,
         on_preempt: Callable[[Request], None] | None = None,
-        restore: Callable[[Request, int], list[KVBlock] | None] | None = None,
+        restore: Callable[[Request, int], RestoreResult] | None = None,
         poll_restores: Callable[[], list[Request]] | None = None,
         cancel_restore: Callable[[Request], None] | None = None,
     ) -> None:
@@ -66,7 +77,11 @@ class Scheduler:
         them once admission took its own references; or None when it started a load: the
         request is parked in ``loading`` until ``poll_restores()`` (called at the start of
         every ``schedule``) returns it, then admitted before the waiting requests
-        (``restore`` then hands over the loaded blocks, or [] after a failed load).
+        (``restore`` then hands over the loaded blocks, or [] after a failed load); or
+        ``RestoreWait.NO_ROOM`` when the tier holds the prefix but the pool has no room for it
+        now: while other requests run (and will free blocks) the request then waits at the
+        head of the queue instead of recomputing what the tier holds; with nothing running it
+        is admitted and recomputes.
         ``cancel_restore(request)`` runs for every finished request (it drops a load the
         request may still have)."""
         if max_num_batched_tokens <= 0 or max_num_seqs <= 0:
@@ -179,6 +194,10 @@ class Scheduler:
         restored = self.restore(request, budget) if self.restore is not None else []
         if restored is None:
             return 0
+        if restored is RestoreWait.NO_ROOM:
+            if self.running or self.loading:
+                return None  # they free blocks as they finish: restore then, not recompute
+            restored = []
         admitted = self._try_allocate(request, budget)
         self.kv_manager.release(restored)  # admission holds its own references now
         if admitted is None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from engine.kv_cache_manager import KVCacheManager
 from engine.request import Request, RequestStatus
 from engine.sampling_params import SamplingParams
-from engine.scheduler import Scheduler
+from engine.scheduler import RestoreWait, Scheduler
 
 
 def make_scheduler(num_blocks=10, block_size=4, budget=8, max_seqs=4) -> Scheduler:
@@ -134,3 +134,23 @@ def test_finishing_a_request_while_its_prefix_loads():
     scheduler.finish(request, RequestStatus.FINISHED_ABORTED)
     assert loader.cancelled == ["a"] and not scheduler.has_unfinished_requests()
     scheduler.check_integrity()
+
+
+def test_a_request_whose_stored_prefix_has_no_room_waits_while_others_run():
+    """``RestoreWait.NO_ROOM``: the request waits at the head of the queue while running
+    requests will free blocks, and is admitted (recomputing) when nothing else runs."""
+    answers = {"b": [RestoreWait.NO_ROOM, RestoreWait.NO_ROOM]}
+
+    def restore(request: Request, budget: int):
+        return answers[request.request_id].pop(0) if answers.get(request.request_id) else []
+
+    scheduler = Scheduler(KVCacheManager(20, 4), 16, 4, restore=restore)
+    scheduler.add_request(Request("a", list(range(4)), SamplingParams(max_tokens=2)))
+    assert fake_step(scheduler) == [("a", 4)]
+    scheduler.add_request(Request("b", list(range(10, 16)), SamplingParams()))
+    assert fake_step(scheduler) == [("a", 1)]  # b waits: a runs and will free its blocks
+    assert [r.request_id for r in scheduler.waiting] == ["b"]
+    scheduler.finish(scheduler.running[0], RequestStatus.FINISHED_LENGTH)
+    # still no room for the stored prefix, but nothing runs to free blocks: b recomputes
+    assert fake_step(scheduler) == [("b", 6)]
+    assert not answers["b"] and not scheduler.waiting

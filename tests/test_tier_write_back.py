@@ -203,6 +203,65 @@ def test_prefixes_are_restored_only_for_requests_being_admitted(tiny, prompts):
     engine.check_integrity()
 
 
+def test_a_request_waits_for_room_to_restore_rather_than_recompute(tiny, prompts, expected):
+    """When the store holds a prefix but running requests hold the pool, the request waits
+    for them to finish and then restores its prefix: no token the store held is recomputed
+    (before, it was admitted at once whenever its next chunk fitted, and recomputed all)."""
+    first, evictor, second_evictor = prompts
+    store = HostKVStore(capacity_bytes=64 << 20)
+    writer = make_engine(tiny, num_kv_blocks=NUM_BLOCKS)
+    writer.attach_kv_store(store)
+    for idx, prompt in enumerate(prompts):
+        run_one(writer, prompt, f"warm{idx}")  # all of `first` is evicted to the store
+    writer.offload.readable_store()
+    writer.close()
+    # An instance sharing the store, whose pool holds "busy" plus a 32-token chunk of "a"
+    # while "busy" runs, but not "a"'s restored prefix with it.
+    engine = make_engine(tiny, num_kv_blocks=NUM_BLOCKS + 2, max_num_batched_tokens=32)
+    engine.attach_kv_store(store)
+    engine.add_request("busy", evictor, greedy(8))
+    outputs: dict[str, list[int]] = {"busy": [], "a": []}
+    while not outputs["busy"]:  # its prefill is done
+        for out in engine.step():
+            outputs["busy"] += out.new_token_ids
+    engine.add_request("a", first, greedy(6))
+    cached = restored = -1
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            outputs[out.request_id] += out.new_token_ids
+            if out.request_id == "a":
+                cached, restored = out.num_cached_tokens, out.num_restored_tokens
+    assert outputs["a"] == expected
+    reusable = (len(first) - 1) // BLOCK * BLOCK
+    assert restored == cached == reusable
+    assert engine.scheduler.num_preemptions == 0
+    engine.check_integrity()
+
+
+def test_blocks_evicted_earlier_in_the_same_step_are_restored(tiny, prompts, expected):
+    """One step admits two requests: the first's allocation evicts the tail of the second's
+    cached prefix. Those blocks reach the store before the second's restore looks for them
+    (they were lost before: looked up before being written, and recomputed)."""
+    first, _, other = prompts
+    evictor = mixed_prompts(22, 1, 275, 285)[0]  # 18 blocks: the 16 unused ones and 2 more
+    engine = make_engine(tiny, num_kv_blocks=40)
+    engine.attach_kv_store(HostKVStore(capacity_bytes=64 << 20))
+    run_one(engine, first, "warm")  # free queue: 28 unused blocks, then `first`'s 12
+    run_one(engine, other, "other")  # ... 16 unused, `first`'s 12 (tail first), `other`'s 12
+    engine.add_request("evictor", evictor, greedy(2))
+    engine.add_request("a", first, greedy(6))  # admitted in the same step, after "evictor"
+    outputs: dict[str, list[int]] = {"evictor": [], "a": []}
+    cached = restored = -1
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            outputs[out.request_id] += out.new_token_ids
+            if out.request_id == "a":
+                cached, restored = out.num_cached_tokens, out.num_restored_tokens
+    assert outputs["a"] == expected
+    assert cached == (len(first) - 1) // BLOCK * BLOCK and restored == BLOCK
+    engine.check_integrity()
+
+
 # -- asynchronous loads: the batch keeps stepping while a prefix is read ----------------------
 
 
