@@ -3,10 +3,11 @@
 Same contract as ``kernels.reference.paged_attention_ref`` (see its docstring for shapes), but
 organised for speed on a few CPU cores:
 
-* rows of short queries (decode, query length <= ``NATIVE_MAX_QUERY_LEN``) go, when the
-  compiled kernel ``kernels.cpu_native`` is available (float32 and a C compiler), to one call
-  for the whole batch that reads every sequence's K/V in place from its blocks: no gather, no
-  per-sequence Python, GQA without repeated K/V, split over the keys when rows are few. (SmolLM2
+* short queries (decode, speculative verification: query length <= ``NATIVE_MAX_QUERY_LEN``)
+  go, when the compiled kernel ``kernels.cpu_native`` is available (float32 and a C compiler),
+  to one call for the whole batch that reads every sequence's K/V in place from its blocks,
+  once for all the query's tokens: no gather, no per-sequence Python, GQA without repeated
+  K/V, split over the keys when queries are few. (SmolLM2
   heads on 2 cores: see docs/BENCHMARKS.md, "CPU attention".)
 * without the compiled kernel, decode rows are attended together by torch: rows of similar KV
   length form a group whose keys are gathered into one padded ``[rows, kv_heads, max_len,
@@ -37,11 +38,11 @@ from kernels.reference import paged_attention_ref
 # before SDPA reads them again (measured with SmolLM2-135M's heads: 16 rows x 2000 keys cost
 # twice as much per row as 4 x 2000; 4096 was the best of 1024..16384 over mixed batches).
 MAX_GROUP_KEYS = 4096
-# Longest query of a sequence whose rows go to the compiled kernel (one row per token, each
-# reading the sequence's K/V); longer queries are prefills for SDPA, whose matrix products win
-# there (measured with SmolLM2's heads, 4 sequences x 1000 keys: the kernel was ahead at 2 and
-# 4 query tokens, 3x behind at 8).
-NATIVE_MAX_QUERY_LEN = 4
+# Longest query of a sequence that goes to the compiled kernel (one run: its K/V is read once
+# for all its tokens); longer queries are prefills for SDPA, whose matrix products win there.
+# (SmolLM2-135M steps of 8 sequences x 1800 keys, bench/forward_steps.py shapes: 5-token
+# queries took 365 ms through the kernel and 490 ms through SDPA.)
+NATIVE_MAX_QUERY_LEN = 8
 
 
 class SeqSpan(NamedTuple):
@@ -121,21 +122,21 @@ def _native_rows(
     starts: np.ndarray,  # [num_seqs + 1] query_start_loc
     lens: np.ndarray,  # [num_seqs] seq_lens
     q_lens: np.ndarray,  # [num_seqs]
-    short: np.ndarray,  # [num_seqs] bool: its query's rows go to the kernel
+    short: np.ndarray,  # [num_seqs] bool: its query goes to the kernel
     block_size: int,
 ) -> cpu_native.NativeRows | None:
-    """One row per token of the short queries; token j of a q-token query at the end of a
-    seq_len-token sequence sees seq_len - q + j + 1 keys (causal)."""
+    """One run per short query: its tokens, at the end of its sequence."""
     if not short.any():
         return None
-    short_q_lens = q_lens[short]
-    row_seq = np.repeat(np.flatnonzero(short), short_q_lens)
-    first_row = np.cumsum(short_q_lens) - short_q_lens  # of each short query, among the rows
-    row_query = np.arange(row_seq.shape[0])
-    row_query += np.repeat(starts[:-1][short] - first_row, short_q_lens)
-    row_kv_len = lens[row_seq] - (starts[row_seq + 1] - row_query) + 1
+    seqs = np.flatnonzero(short)
     return cpu_native.plan_native_rows(
-        block_tables, row_query, row_seq, row_kv_len, block_size, torch.get_num_threads()
+        block_tables,
+        starts[:-1][seqs],
+        q_lens[seqs],
+        seqs,
+        lens[seqs],
+        block_size,
+        torch.get_num_threads(),
     )
 
 

@@ -1,4 +1,4 @@
-"""The compiled CPU kernel for paged attention of single query rows (``csrc/paged_rows.c``).
+"""The compiled CPU kernel for paged attention of short query runs (``csrc/paged_rows.c``).
 
 Built on first use by ``kernels.native_build`` (once per machine, about a second). Where no
 compiler works, ``load_paged_rows()`` returns ``None`` (with one warning) and the caller keeps
@@ -19,13 +19,14 @@ from kernels.units import cdiv
 
 SOURCE = native_build.CSRC / "paged_rows.c"
 MAX_HEADS, MAX_HEAD_DIM, MAX_BLOCK = 64, 256, 128  # the C kernel refuses larger shapes
+MAX_RUN = 8  # query tokens of one run (one sequence's consecutive tokens), as in the C source
 
 _i64 = ctypes.c_int64
 _ptr = ctypes.c_void_p
 _ARGTYPES: list[Any] = (
     [_ptr, _i64, _i64, _ptr, _ptr, _ptr, _i64]  # query, its strides, caches, block tables
-    + [_ptr, _ptr, _ptr, _i64]  # row_query, row_seq, row_kv_len, num_rows
-    + [_ptr, _ptr, _ptr, _ptr, _i64]  # item_row, item_begin, item_end, row_first_item, items
+    + [_ptr, _ptr, _ptr, _ptr, _i64]  # run_query, run_len, run_seq, run_kv_len, num_runs
+    + [_ptr, _ptr, _ptr, _ptr, _i64]  # item_run, item_begin, item_end, run_first_item, items
     + [_i64, _i64, _i64, _i64, ctypes.c_float, _i64]  # heads, kv heads, dim, block, scale, win
     + [_ptr, _ptr, _i64, _i64, ctypes.c_int]  # partial, out, its strides, threads
 )
@@ -59,18 +60,21 @@ def supports(
 
 
 class NativeRows(NamedTuple):
-    """Query rows for the compiled kernel, planned once per batch (all tensors int64 unless
-    noted). Row ``r`` is query token ``row_query[r]`` of sequence ``row_seq[r]`` and sees that
-    sequence's keys ``[0, row_kv_len[r])`` (less any sliding window, applied per layer)."""
+    """Query runs for the compiled kernel, planned once per batch (all tensors int64 unless
+    noted). Run ``r`` is the ``run_len[r]`` (1..``MAX_RUN``) consecutive query tokens from
+    ``run_query[r]`` on of sequence ``run_seq[r]``, whose last token sees that sequence's keys
+    ``[0, run_kv_len[r])`` and each earlier token one key fewer (causal; less any sliding
+    window, applied per layer)."""
 
     block_tables: torch.Tensor  # [num_seqs, max_blocks_per_seq] int32, contiguous
-    row_query: torch.Tensor  # [num_rows]
-    row_seq: torch.Tensor  # [num_rows]
-    row_kv_len: torch.Tensor  # [num_rows]
-    item_row: torch.Tensor  # [num_items]: the row of each item (a run of key positions)
+    run_query: torch.Tensor  # [num_runs]
+    run_len: torch.Tensor  # [num_runs]
+    run_seq: torch.Tensor  # [num_runs]
+    run_kv_len: torch.Tensor  # [num_runs]
+    item_run: torch.Tensor  # [num_items]: the run of each item (a range of key positions)
     item_begin: torch.Tensor  # [num_items]: its first key position
     item_end: torch.Tensor  # [num_items]: one past its last key position
-    row_first_item: torch.Tensor  # [num_rows + 1]: row r owns items [first[r], first[r + 1])
+    run_first_item: torch.Tensor  # [num_runs + 1]: run r owns items [first[r], first[r + 1])
 
 
 # Fewest keys per item: shorter runs add more merge work than they spread.
@@ -81,33 +85,35 @@ ITEMS_PER_THREAD = 8
 
 def plan_native_rows(
     block_tables: torch.Tensor,  # [num_seqs, max_blocks_per_seq] int32
-    row_query: np.ndarray,  # [num_rows] int64
-    row_seq: np.ndarray,  # [num_rows] int64
-    row_kv_len: np.ndarray,  # [num_rows] int64, each >= 1
+    run_query: np.ndarray,  # [num_runs] int64
+    run_len: np.ndarray,  # [num_runs] int64, each in 1..MAX_RUN
+    run_seq: np.ndarray,  # [num_runs] int64
+    run_kv_len: np.ndarray,  # [num_runs] int64, each >= its run_len
     block_size: int,
     num_threads: int,
 ) -> NativeRows:
-    """Cut every row's keys into items of whole blocks, about ``ITEMS_PER_THREAD`` items per
-    thread over the batch (split-K for few long rows, one item per row for many)."""
-    total_keys = int(row_kv_len.sum())
+    """Cut every run's keys into items of whole blocks, about ``ITEMS_PER_THREAD`` items per
+    thread over the batch (split-K for few long runs, one item per run for many)."""
+    total_keys = int(run_kv_len.sum())
     item_keys = max(MIN_ITEM_KEYS, cdiv(total_keys, ITEMS_PER_THREAD * num_threads))
     item_keys = cdiv(item_keys, block_size) * block_size
-    items_per_row = -(-row_kv_len // item_keys)  # elementwise ceiling division (numpy)
-    row_first_item = np.zeros(row_kv_len.shape[0] + 1, np.int64)
-    np.cumsum(items_per_row, out=row_first_item[1:])
-    item_row = np.repeat(np.arange(row_kv_len.shape[0]), items_per_row)
-    item_begin = (np.arange(item_row.shape[0]) - row_first_item[item_row]) * item_keys
-    item_end = np.minimum(item_begin + item_keys, row_kv_len[item_row])
+    items_per_run = -(-run_kv_len // item_keys)  # elementwise ceiling division (numpy)
+    run_first_item = np.zeros(run_kv_len.shape[0] + 1, np.int64)
+    np.cumsum(items_per_run, out=run_first_item[1:])
+    item_run = np.repeat(np.arange(run_kv_len.shape[0]), items_per_run)
+    item_begin = (np.arange(item_run.shape[0]) - run_first_item[item_run]) * item_keys
+    item_end = np.minimum(item_begin + item_keys, run_kv_len[item_run])
     as_tensor = torch.from_numpy
     return NativeRows(
         block_tables=block_tables.to(torch.int32).contiguous(),
-        row_query=as_tensor(row_query.astype(np.int64)),
-        row_seq=as_tensor(row_seq.astype(np.int64)),
-        row_kv_len=as_tensor(row_kv_len.astype(np.int64)),
-        item_row=as_tensor(item_row),
+        run_query=as_tensor(run_query.astype(np.int64)),
+        run_len=as_tensor(run_len.astype(np.int64)),
+        run_seq=as_tensor(run_seq.astype(np.int64)),
+        run_kv_len=as_tensor(run_kv_len.astype(np.int64)),
+        item_run=as_tensor(item_run),
         item_begin=as_tensor(item_begin),
         item_end=as_tensor(item_end),
-        row_first_item=as_tensor(row_first_item),
+        run_first_item=as_tensor(run_first_item),
     )
 
 
@@ -120,8 +126,8 @@ def run_native_rows(
     sliding_window: int | None,
     out: torch.Tensor,  # [num_tokens, num_heads, head_dim] float32, last dim contiguous
 ) -> None:
-    """Write the attention of every planned row into its row of ``out`` (other rows are left
-    alone). Raises ``RuntimeError`` on shapes the kernel was not built for."""
+    """Write the attention of every planned run's tokens into their rows of ``out`` (other
+    rows are left alone). Raises ``RuntimeError`` on shapes the kernel was not built for."""
     function = load_paged_rows()
     if function is None:
         raise RuntimeError("the compiled CPU attention kernel is not available")
@@ -132,7 +138,7 @@ def run_native_rows(
             raise RuntimeError("compiled CPU attention takes float32 with a contiguous last dim")
     if not (key_cache.is_contiguous() and value_cache.is_contiguous()):
         raise RuntimeError("compiled CPU attention reads contiguous caches")
-    partial = torch.empty(rows.item_row.shape[0], num_heads, head_dim + 2)
+    partial = torch.empty(rows.item_run.shape[0], MAX_RUN, num_heads, head_dim + 2)
     status = function(
         query.data_ptr(),
         query.stride(0),
@@ -141,15 +147,16 @@ def run_native_rows(
         value_cache.data_ptr(),
         rows.block_tables.data_ptr(),
         rows.block_tables.shape[1],
-        rows.row_query.data_ptr(),
-        rows.row_seq.data_ptr(),
-        rows.row_kv_len.data_ptr(),
-        rows.row_query.shape[0],
-        rows.item_row.data_ptr(),
+        rows.run_query.data_ptr(),
+        rows.run_len.data_ptr(),
+        rows.run_seq.data_ptr(),
+        rows.run_kv_len.data_ptr(),
+        rows.run_query.shape[0],
+        rows.item_run.data_ptr(),
         rows.item_begin.data_ptr(),
         rows.item_end.data_ptr(),
-        rows.row_first_item.data_ptr(),
-        rows.item_row.shape[0],
+        rows.run_first_item.data_ptr(),
+        rows.item_run.shape[0],
         num_heads,
         num_kv_heads,
         head_dim,

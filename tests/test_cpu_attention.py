@@ -12,6 +12,7 @@ import torch
 
 from kernels import cpu_native, native_build, ops
 from kernels.cpu_attention import (
+    NATIVE_MAX_QUERY_LEN,
     paged_attention_cpu,
     plan_paged_attention_cpu,
     run_paged_attention_cpu,
@@ -27,6 +28,7 @@ CASES = [  # (query_len, kv_len) per sequence of one batch
     [(1, 5000)],  # one long row: its keys are split into items and merged
     [(1, 900 + 13 * i) for i in range(16)] + [(512, 1536)],  # batch 16 decode + a long chunk
     [(2, 2), (1, 17), (3, 50)],  # short multi-token queries (speculative-decoding shape)
+    [(4, 1500), (8, 900), (3, 3), (1, 100), (6, 2100)],  # speculative runs, split into items
 ]
 HEADS = [(4, 4), (9, 3), (8, 1)]  # (num_heads, num_kv_heads): MHA, SmolLM2's GQA, MQA
 
@@ -66,7 +68,9 @@ def _planned(args, native, scale, sliding_window=None):
     query, key_cache, value_cache, block_tables, seq_lens, query_start_loc = args
     block_size = key_cache.shape[1]
     plan = plan_paged_attention_cpu(block_tables, seq_lens, query_start_loc, block_size, native)
-    assert (plan.native_rows is not None) == (native and bool((query_start_loc.diff() == 1).any()))
+    q_lens = query_start_loc.diff()
+    short = (q_lens >= 1) & (q_lens <= NATIVE_MAX_QUERY_LEN)
+    assert (plan.native_rows is not None) == (native and bool(short.any()))
     return run_paged_attention_cpu(query, key_cache, value_cache, plan, scale, sliding_window)
 
 
@@ -112,7 +116,7 @@ def test_long_rows_are_split_into_items():
     one = plan_paged_attention_cpu(
         torch.arange(313).view(1, -1).int(), lengths, torch.tensor([0, 1]).int(), 16, True
     )
-    assert one.native_rows is not None and one.native_rows.item_row.shape[0] >= 2
+    assert one.native_rows is not None and one.native_rows.item_run.shape[0] >= 2
     assert one.native_rows.item_end[-1] == 5000 and one.native_rows.item_begin[0] == 0
     many = plan_paged_attention_cpu(
         torch.arange(64 * 64).view(64, 64).int(),
@@ -122,7 +126,7 @@ def test_long_rows_are_split_into_items():
         True,
     )
     assert many.native_rows is not None
-    assert many.native_rows.row_first_item.tolist() == list(range(65))
+    assert many.native_rows.run_first_item.tolist() == list(range(65))
 
 
 def test_engine_plan_uses_compiled_rows_for_float32():

@@ -1,13 +1,17 @@
-/* Paged attention of single query rows over K/V read in place from the paged cache (float32).
+/* Paged attention of short query runs over K/V read in place from the paged cache (float32).
  *
  * Built and loaded by kernels/cpu_native.py (gcc -O3 -march=native -fopenmp, via ctypes).
- * A "row" is one query token: it attends to keys at positions [kv_len - window, kv_len) of its
- * sequence (the whole prefix without a window). The keys of a row are cut into "items" of
- * consecutive positions so that a few long rows still spread over all threads (split-K, as in
+ * A "run" is 1..MAX_RUN consecutive query tokens of one sequence (a decode step's token, or a
+ * speculative step's token and its drafts). Token t of a run of length R whose sequence holds
+ * kv_len keys attends, causally, to keys [lo, kv_len - (R - 1 - t)) where lo is 0 or, with a
+ * sliding window, the window's start. The keys of a run are cut into "items" of consecutive
+ * positions so that a few long runs still spread over all threads (split-K, as in
  * flash-decoding); pass 1 runs one item per iteration, streaming its blocks (all heads) with an
- * online softmax, and writes a partial (max, sum, weighted values) per query head; pass 2
- * merges a row's partials. Every key and value of a row is read from memory once (the query
- * heads of a GQA group meet the same KV vector while it is in L1).
+ * online softmax per (token, query head), and writes a partial (max, sum, weighted values);
+ * pass 2 merges a token's partials. Every key and value of a run is read from memory once for
+ * all its tokens (they and the query heads of a GQA group meet each KV vector while it is in
+ * L1): a run of 4 tokens costs little more than one token, which is what makes speculative
+ * decoding pay on a memory-bound CPU.
  */
 #include <float.h>
 #include <math.h>
@@ -16,6 +20,7 @@
 #define MAX_HEADS 64    /* query heads */
 #define MAX_HEAD_DIM 256
 #define MAX_BLOCK 128   /* block_size */
+#define MAX_RUN 8       /* tokens of one run */
 
 static inline float dot(const float *restrict a, const float *restrict b, int64_t n) {
   float sum = 0.0f;
@@ -68,48 +73,65 @@ int tarry_paged_rows_f32(
     const float *value_cache,     /* same shape, contiguous */
     const int32_t *block_tables,  /* [num_seqs, max_blocks_per_seq] */
     int64_t max_blocks_per_seq,
-    const int64_t *row_query,     /* [num_rows]: the row's token in query / out */
-    const int64_t *row_seq,       /* [num_rows]: the row's sequence (block table row) */
-    const int64_t *row_kv_len,    /* [num_rows]: keys before and including the row's token */
-    int64_t num_rows,
-    const int64_t *item_row,      /* [num_items]: the row an item belongs to */
+    const int64_t *run_query,     /* [num_runs]: the run's first token in query / out */
+    const int64_t *run_len,       /* [num_runs]: its tokens, 1..MAX_RUN */
+    const int64_t *run_seq,       /* [num_runs]: its sequence (block table row) */
+    const int64_t *run_kv_len,    /* [num_runs]: keys its last token sees (itself included) */
+    int64_t num_runs,
+    const int64_t *item_run,      /* [num_items]: the run an item belongs to */
     const int64_t *item_begin,    /* [num_items]: its first key position */
     const int64_t *item_end,      /* [num_items]: one past its last key position */
-    const int64_t *row_first_item,/* [num_rows + 1]: items of row r: [first[r], first[r+1]) */
+    const int64_t *run_first_item,/* [num_runs + 1]: items of run r: [first[r], first[r+1]) */
     int64_t num_items,
     int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t block_size,
     float scale, int64_t sliding_window, /* <= 0: none */
-    float *partial,               /* [num_items, num_heads, head_dim + 2] scratch */
+    float *partial,               /* [num_items, MAX_RUN, num_heads, head_dim + 2] scratch */
     float *out,                   /* [num_tokens, num_heads, head_dim] */
     int64_t out_token_stride, int64_t out_head_stride,
     int num_threads) {
   const int64_t group = num_heads / num_kv_heads;
   if (num_heads > MAX_HEADS || head_dim > MAX_HEAD_DIM || block_size > MAX_BLOCK) return 1;
+  for (int64_t run = 0; run < num_runs; ++run)
+    if (run_len[run] < 1 || run_len[run] > MAX_RUN || run_kv_len[run] < run_len[run]) return 2;
   const int64_t slot_stride = num_kv_heads * head_dim;
   const int64_t part_stride = head_dim + 2;
 
 #pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads)
   for (int64_t item = 0; item < num_items; ++item) {
-    const int64_t row = item_row[item];
-    int64_t begin = item_begin[item];
-    const int64_t end = item_end[item];
-    if (sliding_window > 0 && begin < row_kv_len[row] - sliding_window)
-      begin = row_kv_len[row] - sliding_window;
-    const float *q = query + row_query[row] * q_token_stride;
-    const int32_t *table = block_tables + row_seq[row] * max_blocks_per_seq;
-
-    /* One item streams whole blocks (all KV heads) in cache-line order. */
-    /* Sized by the call (at most MAX_HEADS x MAX_HEAD_DIM): 4.6 KB for SmolLM2's heads. */
-    float qs[num_heads][head_dim], acc[num_heads][head_dim];
-    float m[num_heads], l[num_heads], s[block_size];
-    for (int64_t h = 0; h < num_heads; ++h) {
-      m[h] = -FLT_MAX;
-      l[h] = 0.0f;
-      for (int64_t d = 0; d < head_dim; ++d) {
-        qs[h][d] = q[h * q_head_stride + d] * scale;
-        acc[h][d] = 0.0f;
+    const int64_t run = item_run[item];
+    const int64_t num_tok = run_len[run];
+    const int64_t kv_len = run_kv_len[run];
+    const int32_t *table = block_tables + run_seq[run] * max_blocks_per_seq;
+    /* Token t sees keys [lo[t], hi[t]) of this item (empty when lo >= hi). */
+    int64_t lo[MAX_RUN], hi[MAX_RUN];
+    int64_t begin = item_end[item], end = item_begin[item];
+    for (int64_t t = 0; t < num_tok; ++t) {
+      hi[t] = kv_len - (num_tok - 1 - t);
+      lo[t] = sliding_window > 0 && hi[t] - sliding_window > 0 ? hi[t] - sliding_window : 0;
+      if (lo[t] < item_begin[item]) lo[t] = item_begin[item];
+      if (hi[t] > item_end[item]) hi[t] = item_end[item];
+      if (lo[t] < hi[t]) {
+        begin = lo[t] < begin ? lo[t] : begin;
+        end = hi[t] > end ? hi[t] : end;
       }
     }
+
+    /* Sized by the call (at most MAX_RUN x MAX_HEADS x MAX_HEAD_DIM): 37 KB for 4 tokens of
+     * SmolLM2's heads. */
+    float qs[num_tok][num_heads][head_dim], acc[num_tok][num_heads][head_dim];
+    float m[num_tok][num_heads], l[num_tok][num_heads], s[block_size];
+    for (int64_t t = 0; t < num_tok; ++t) {
+      const float *q = query + (run_query[run] + t) * q_token_stride;
+      for (int64_t h = 0; h < num_heads; ++h) {
+        m[t][h] = -FLT_MAX;
+        l[t][h] = 0.0f;
+        for (int64_t d = 0; d < head_dim; ++d) {
+          qs[t][h][d] = q[h * q_head_stride + d] * scale;
+          acc[t][h][d] = 0.0f;
+        }
+      }
+    }
+    /* One item streams whole blocks (all KV heads) in cache-line order. */
     for (int64_t pos = begin; pos < end;) {
       const int64_t offset = pos % block_size;
       int64_t n = block_size - offset;
@@ -121,51 +143,61 @@ int tarry_paged_rows_f32(
         const int64_t kv_head = h / group;
         const float *k = key_cache + slot * slot_stride + kv_head * head_dim;
         const float *v = value_cache + slot * slot_stride + kv_head * head_dim;
-        for (int64_t j = 0; j < n; ++j) s[j] = dot(qs[h], k + j * slot_stride, head_dim);
-        float block_max = -FLT_MAX;
-        for (int64_t j = 0; j < n; ++j) block_max = s[j] > block_max ? s[j] : block_max;
-        const float new_max = block_max > m[h] ? block_max : m[h];
-        const float correction = expf(m[h] - new_max);
-        float block_sum = 0.0f;
+        for (int64_t t = 0; t < num_tok; ++t) {
+          /* keys j in [j0, j1) of this block are visible to token t */
+          const int64_t j0 = lo[t] > pos ? lo[t] - pos : 0;
+          const int64_t j1 = hi[t] < pos + n ? hi[t] - pos : n;
+          if (j0 >= j1) continue;
+          for (int64_t j = j0; j < j1; ++j) s[j] = dot(qs[t][h], k + j * slot_stride, head_dim);
+          float block_max = -FLT_MAX;
+          for (int64_t j = j0; j < j1; ++j) block_max = s[j] > block_max ? s[j] : block_max;
+          const float new_max = block_max > m[t][h] ? block_max : m[t][h];
+          const float correction = expf(m[t][h] - new_max);
+          float block_sum = 0.0f;
 #pragma omp simd reduction(+ : block_sum)
-        for (int64_t j = 0; j < n; ++j) {
-          s[j] = exp_nonpositive(s[j] - new_max);
-          block_sum += s[j];
+          for (int64_t j = j0; j < j1; ++j) {
+            s[j] = exp_nonpositive(s[j] - new_max);
+            block_sum += s[j];
+          }
+          l[t][h] = l[t][h] * correction + block_sum;
+          float *restrict a = acc[t][h];
+          for (int64_t d = 0; d < head_dim; ++d) a[d] *= correction;
+          for (int64_t j = j0; j < j1; ++j) {
+            const float p = s[j];
+            const float *restrict vj = v + j * slot_stride;
+            for (int64_t d = 0; d < head_dim; ++d) a[d] += p * vj[d];
+          }
+          m[t][h] = new_max;
         }
-        l[h] = l[h] * correction + block_sum;
-        float *restrict a = acc[h];
-        for (int64_t d = 0; d < head_dim; ++d) a[d] *= correction;
-        for (int64_t j = 0; j < n; ++j) {
-          const float p = s[j];
-          const float *restrict vj = v + j * slot_stride;
-          for (int64_t d = 0; d < head_dim; ++d) a[d] += p * vj[d];
-        }
-        m[h] = new_max;
       }
       pos += n;
     }
-    for (int64_t h = 0; h < num_heads; ++h) {
-      float *part = partial + (item * num_heads + h) * part_stride;
-      part[0] = m[h];
-      part[1] = l[h];
-      for (int64_t d = 0; d < head_dim; ++d) part[2 + d] = acc[h][d];
+    for (int64_t t = 0; t < num_tok; ++t) {
+      for (int64_t h = 0; h < num_heads; ++h) {
+        float *part = partial + ((item * MAX_RUN + t) * num_heads + h) * part_stride;
+        part[0] = m[t][h];
+        part[1] = l[t][h];
+        for (int64_t d = 0; d < head_dim; ++d) part[2 + d] = acc[t][h][d];
+      }
     }
   }
 
 #pragma omp parallel for schedule(static) num_threads(num_threads)
-  for (int64_t work = 0; work < num_rows * num_heads; ++work) {
-    const int64_t row = work / num_heads, head = work % num_heads;
-    const int64_t first = row_first_item[row], last = row_first_item[row + 1];
+  for (int64_t work = 0; work < num_runs * MAX_RUN * num_heads; ++work) {
+    const int64_t run = work / (MAX_RUN * num_heads);
+    const int64_t t = work / num_heads % MAX_RUN, head = work % num_heads;
+    if (t >= run_len[run]) continue;
+    const int64_t first = run_first_item[run], last = run_first_item[run + 1];
     float max_all = -FLT_MAX;
     for (int64_t item = first; item < last; ++item) {
-      const float *part = partial + (item * num_heads + head) * part_stride;
+      const float *part = partial + ((item * MAX_RUN + t) * num_heads + head) * part_stride;
       if (part[1] > 0.0f && part[0] > max_all) max_all = part[0];
     }
-    float *o = out + row_query[row] * out_token_stride + head * out_head_stride;
+    float *o = out + (run_query[run] + t) * out_token_stride + head * out_head_stride;
     float total = 0.0f;
     for (int64_t d = 0; d < head_dim; ++d) o[d] = 0.0f;
     for (int64_t item = first; item < last; ++item) {
-      const float *part = partial + (item * num_heads + head) * part_stride;
+      const float *part = partial + ((item * MAX_RUN + t) * num_heads + head) * part_stride;
       if (part[1] <= 0.0f) continue;
       const float weight = expf(part[0] - max_all);
       total += part[1] * weight;
