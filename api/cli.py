@@ -14,7 +14,7 @@ from typing import NoReturn
 
 from api.tool_pool import DEFAULT_TOOL_WORKERS, DEFAULT_TOOL_WORKERS_PER_KEY
 from engine.async_engine import AsyncEngine
-from engine.config import EngineConfig
+from engine.config import AUTO_SPECULATIVE_TOKENS, EngineConfig
 from engine.errors import InvalidRequestError, ModelLoadError
 from engine.generation_config import describe, parse_override
 from engine.llm_engine import LLMEngine
@@ -220,6 +220,14 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
         help=f"token budget of one step (default {defaults.max_num_batched_tokens})",
     )
     parser.add_argument(
+        "--speculative-tokens",
+        type=int,
+        default=None,
+        help="speculative decoding by prompt lookup: draft up to this many tokens per step for "
+        "each greedy request, copied from its own context and verified by the model (output "
+        f"unchanged); 0: off (default: {AUTO_SPECULATIVE_TOKENS['cpu']} on a CPU, 0 on CUDA)",
+    )
+    parser.add_argument(
         "--chat-template",
         default=None,
         help="a Jinja chat template file, or the template itself, replacing the model's",
@@ -237,6 +245,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         max_num_batched_tokens=args.max_num_batched_tokens,
         enforce_eager=args.enforce_eager,
         compile_backend="inductor" if args.compile else None,
+        num_speculative_tokens=args.speculative_tokens,
     )
     config.validate()
     return config

@@ -23,6 +23,7 @@ from engine.kv_cache_manager import KVCacheManager
 from engine.kv_store import KVStore
 from engine.model_loader import LoadedModel
 from engine.model_runner import KV_LAYOUT, ModelRunner, kv_shape_of
+from engine.ngram_proposer import propose_ngram_drafts
 from engine.offload_manager import OffloadManager
 from engine.outputs import RequestOutput, TokenLogprob
 from engine.pool_stats import PoolStats
@@ -30,6 +31,13 @@ from engine.request import Request, RequestStatus
 from engine.sampler import SamplingRow, sample
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
+from engine.speculative import (
+    DraftProposer,
+    accepted_prefix,
+    note_verification,
+    propose_drafts,
+    split_logits,
+)
 from engine.step_inputs import SeqChunk
 
 logger = logging.getLogger(__name__)
@@ -121,6 +129,10 @@ class LLMEngine:
         self.vocab_size = int(loaded.config.vocab_size)
         self._states: dict[str, _RequestState] = {}
         self.num_steps = 0
+        # Speculative decoding: drafts per step (config's, or by device when it says None)
+        # and where they come from (replaceable).
+        self.num_speculative_tokens = self.config.speculative_tokens_for(loaded.device.type)
+        self.draft_proposer: DraftProposer = propose_ngram_drafts
 
     def _num_blocks(self, bytes_per_block: int) -> int:
         if self.config.num_kv_blocks is not None:
@@ -222,34 +234,76 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Run one scheduler step and return an output for every request that sampled."""
+        if self.num_speculative_tokens > 0:
+            propose_drafts(
+                self.scheduler.running,
+                self.num_speculative_tokens,
+                self.max_model_len,
+                self.draft_proposer,
+            )
         schedule = self.scheduler.schedule()  # restores each admitted request's prefix first
         self.offload.write_back_evicted()  # before the forward pass overwrites them
         if not schedule.scheduled:
             if self.scheduler.loading:  # only prefix loads to wait for: sleep, do not spin
                 self.offload.wait_for_loads(LOAD_WAIT_S)
             return []
-        chunks = [
-            SeqChunk(
-                token_ids=request.all_token_ids[
-                    request.num_computed_tokens : request.num_computed_tokens + num_new
-                ],
-                start_pos=request.num_computed_tokens,
-                block_ids=self.kv_manager.get_block_ids(request.request_id),
-                needs_logits=request.num_computed_tokens + num_new == request.num_tokens,
-            )
-            for request, num_new in schedule.scheduled
-        ]
+        chunks = [self._chunk(request, num_new) for request, num_new in schedule.scheduled]
         logits = self.model_runner.execute(chunks)
         to_sample = self.scheduler.update_after_step(schedule)
-        rows = [self._sampling_row(request) for request in to_sample]
-        outputs = [
-            self._process_token(request, token_id, logprob)
-            for request, (token_id, logprob) in zip(to_sample, sample(logits, rows), strict=True)
-        ]
+        outputs = self._sample_and_verify(logits, to_sample)
         self.num_steps += 1
         if self.config.check_integrity:
             self.check_integrity()
         return outputs
+
+    def _chunk(self, request: Request, num_new: int) -> SeqChunk:
+        """The step's input for ``request``: its next ``num_new`` tokens (draft tokens last)."""
+        drafts = request.spec_token_ids
+        start = request.num_computed_tokens
+        end = start + num_new - len(drafts)
+        return SeqChunk(
+            token_ids=request.all_token_ids[start:end] + drafts,
+            start_pos=start,
+            block_ids=self.kv_manager.get_block_ids(request.request_id),
+            needs_logits=end == request.num_tokens,
+            num_logits=1 + len(drafts),
+        )
+
+    def _sample_and_verify(
+        self, logits: torch.Tensor, to_sample: list[Request]
+    ) -> list[RequestOutput]:
+        """One output per request of ``to_sample``: a sampled token, or the verified tokens of
+        a request that drafted (see ``engine.speculative``)."""
+        plain_logits, targets = split_logits(logits, to_sample)
+        plain = [request for request in to_sample if not request.spec_token_ids]
+        rows = [self._sampling_row(request) for request in plain]
+        sampled = iter(zip(plain, sample(plain_logits, rows), strict=True) if plain else ())
+        verified = iter(targets)
+        outputs = []
+        for request in to_sample:
+            if request.spec_token_ids:
+                outputs.append(self._emit_verified(request, next(verified)))
+            else:
+                _, (token_id, logprob) = next(sampled)
+                outputs.append(self._process_token(request, token_id, logprob))
+        return outputs
+
+    def _emit_verified(self, request: Request, targets: list[int]) -> RequestOutput:
+        """Emit the tokens a drafting request's step yields, one at a time (each may stop it),
+        counting each accepted draft as computed before the token after it."""
+        tokens = accepted_prefix(request.spec_token_ids, targets)
+        note_verification(request, len(request.spec_token_ids), len(tokens) - 1)
+        request.spec_token_ids = []
+        merged: RequestOutput | None = None
+        for idx, token_id in enumerate(tokens):
+            if idx:
+                request.num_computed_tokens += 1  # the draft this token follows was right
+            merged = merge_outputs(merged, self._process_token(request, token_id, None))
+            if merged.finished:
+                return merged
+        self.kv_manager.cache_full_blocks(request)
+        assert merged is not None
+        return merged
 
     def _sampling_row(self, request: Request) -> SamplingRow:
         params = request.sampling_params

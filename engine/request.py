@@ -50,6 +50,15 @@ class Request:
     restored_tokens_by_tier: dict[str, int] = field(default_factory=dict)  # tier name -> tokens
     num_preemptions: int = 0
     stop_reason: int | str | None = None
+    # Draft tokens to verify in the next step (speculative decoding, set by the engine before
+    # each step): scheduled and computed after the last token, but not in all_token_ids and
+    # not counted in num_computed_tokens until the engine has verified them.
+    spec_token_ids: list[int] = field(default_factory=list)
+    num_drafted_tokens: int = 0  # draft tokens verified so far
+    num_accepted_drafts: int = 0  # of which the model agreed with
+    draft_misses: int = 0  # verifications in a row that accepted no draft
+    draft_pause: int = 0  # length of the last pause in drafting (output tokens), 0: none yet
+    drafts_paused_until: int = 0  # no drafts before this many output tokens
 
     def __post_init__(self) -> None:
         if not self.all_token_ids:

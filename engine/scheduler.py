@@ -54,7 +54,9 @@ class Scheduler:
     Contract: after ``schedule`` every scheduled request holds blocks for all its
     ``num_computed_tokens + num_new_tokens`` tokens. The caller runs the model, then calls
     ``update_after_step`` (which advances ``num_computed_tokens``) and ``finish`` for requests
-    that stopped.
+    that stopped. A running request's draft tokens (``spec_token_ids``, speculative decoding)
+    are scheduled after its own tokens while the budget and the pool allow; drafts that do not
+    fit are dropped (never a reason to preempt), and ``num_new_tokens`` counts those kept.
     """
 
     def __init__(
@@ -116,11 +118,14 @@ class Scheduler:
         idx = 0
         while idx < len(self.running) and budget > 0:
             request = self.running[idx]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-            if not self._allocate_or_preempt(request, num_new, preempted):
+            num_left = request.num_tokens - request.num_computed_tokens
+            num_new = min(num_left + len(request.spec_token_ids), budget)
+            del request.spec_token_ids[max(0, num_new - num_left) :]  # drafts past the budget
+            allocated = self._allocate_or_preempt(request, num_new, preempted)
+            if allocated is None:
                 break  # the request itself was preempted: nothing after it is running
-            scheduled.append(ScheduledRequest(request, num_new))
-            budget -= num_new
+            scheduled.append(ScheduledRequest(request, allocated))
+            budget -= allocated
             idx += 1
         if not preempted:
             self._admit_waiting(budget, scheduled)
@@ -128,20 +133,24 @@ class Scheduler:
 
     def _allocate_or_preempt(
         self, request: Request, num_new: int, preempted: list[Request]
-    ) -> bool:
-        """Allocate for ``request``, preempting from the back of ``running`` until it fits.
-
-        Returns False when ``request`` itself had to be preempted.
+    ) -> int | None:
+        """Allocate for ``request``, dropping its draft tokens, then preempting from the back
+        of ``running``, until it fits. Returns the tokens allocated (``num_new`` less any
+        dropped drafts), or None when ``request`` itself had to be preempted.
         """
         while not self.kv_manager.allocate_slots(request, num_new):
+            if request.spec_token_ids:  # drafts are a bet: never preempt anyone for them
+                num_new -= len(request.spec_token_ids)
+                request.spec_token_ids.clear()
+                continue
             if self.reclaim is not None and self.reclaim(self._blocks_needed(request, num_new)):
                 continue
             victim = self.running.pop()
             self._preempt(victim)
             preempted.append(victim)
             if victim is request:
-                return False
-        return True
+                return None
+        return num_new
 
     def _blocks_needed(self, request: Request, num_new: int) -> int:
         num_tokens = request.num_computed_tokens + num_new
@@ -227,16 +236,18 @@ class Scheduler:
             self.on_preempt(request)
         self.kv_manager.free(request.request_id)
         request.num_computed_tokens = 0
+        request.spec_token_ids.clear()
         request.num_preemptions += 1
         request.status = RequestStatus.PREEMPTED
         self.waiting.appendleft(request)
         self.num_preemptions += 1
 
     def update_after_step(self, output: SchedulerOutput) -> list[Request]:
-        """Advance computed counts; return the requests whose next token must be sampled."""
+        """Advance computed counts (draft tokens not included: the engine counts those it
+        verified); return the requests whose next token must be sampled."""
         to_sample = []
         for request, num_new in output.scheduled:
-            request.num_computed_tokens += num_new
+            request.num_computed_tokens += num_new - len(request.spec_token_ids)
             self.kv_manager.cache_full_blocks(request)
             if request.num_computed_tokens == request.num_tokens:
                 to_sample.append(request)

@@ -26,6 +26,9 @@ class SeqChunk(NamedTuple):
     start_pos: int  # absolute position of token_ids[0] (= tokens already in the pool)
     block_ids: list[int]  # the sequence's block table (covers start_pos + len(token_ids))
     needs_logits: bool  # True when the last new token's next-token logits are wanted
+    # With needs_logits: how many of the last new tokens' logits are wanted (a speculative
+    # step verifies every draft: the sampled token and its drafts all need theirs).
+    num_logits: int = 1
 
 
 class HostBatch(NamedTuple):
@@ -34,7 +37,8 @@ class HostBatch(NamedTuple):
     input_ids: np.ndarray  # [num_tokens] int64
     positions: np.ndarray  # [num_tokens] int64
     slot_mapping: np.ndarray  # [num_tokens] int64
-    logits_indices: np.ndarray  # [num_wanted] int64: rows whose next-token logits are wanted
+    logits_indices: np.ndarray  # [num_wanted] int64: rows whose next-token logits are wanted,
+    # in token order (a chunk's last num_logits rows)
     query_start_loc: np.ndarray  # [num_seqs + 1] int32
     seq_lens: np.ndarray  # [num_seqs] int32
     block_tables: np.ndarray  # [num_seqs, max_blocks_per_seq] int32, zero-padded
@@ -64,16 +68,33 @@ def pack_chunks(chunks: list[SeqChunk], block_size: int) -> HostBatch:
         block_tables[seq_of_token, positions // block_size].astype(np.int64) * block_size
         + positions % block_size
     )
-    wanted = np.fromiter((c.needs_logits for c in chunks), np.bool_, num_seqs)
     return HostBatch(
         input_ids=input_ids,
         positions=positions,
         slot_mapping=slot_mapping,
-        logits_indices=query_start_loc[1:][wanted] - 1,
+        logits_indices=_logits_indices(chunks, query_start_loc),
         query_start_loc=query_start_loc.astype(np.int32),
         seq_lens=(start_pos + q_lens).astype(np.int32),
         block_tables=block_tables,
     )
+
+
+def _logits_indices(
+    chunks: list[SeqChunk],
+    query_start_loc: np.ndarray,  # [num_seqs + 1] int64
+) -> np.ndarray:  # [num_wanted] int64
+    """The last ``num_logits`` rows of each chunk that ``needs_logits``, in order."""
+    counts = np.fromiter(
+        (min(c.num_logits, len(c.token_ids)) if c.needs_logits else 0 for c in chunks),
+        np.int64,
+        len(chunks),
+    )
+    ends = query_start_loc[1:]
+    if not counts.any() or counts.max() == 1:
+        return ends[counts == 1] - 1
+    first_of_each = np.cumsum(counts) - counts  # of each chunk's rows, among the wanted ones
+    within = np.arange(int(counts.sum())) - np.repeat(first_of_each, counts)
+    return np.repeat(ends - counts, counts) + within
 
 
 def _block_tables(chunks: list[SeqChunk]) -> np.ndarray:  # [num_seqs, max_blocks] int32

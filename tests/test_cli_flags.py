@@ -111,6 +111,8 @@ def test_serve_flags_parse_into_the_engine_config_and_options():
             "vllm",
             "--override-generation-config",
             '{"temperature": 0.3, "max_new_tokens": 7}',
+            "--speculative-tokens",
+            "5",
         ]
     )
     assert args.served_model_name == ["smol", "alias"]
@@ -122,6 +124,9 @@ def test_serve_flags_parse_into_the_engine_config_and_options():
         3,
         128,
     )
+    assert config.speculative_tokens_for("cuda") == 5
+    auto = engine_config_from_args(build_parser().parse_args(["serve"]))
+    assert (auto.speculative_tokens_for("cpu"), auto.speculative_tokens_for("cuda")) == (3, 0)
     assert parse_override(args.override_generation_config) == {
         "temperature": 0.3,
         "max_tokens": 7,
@@ -138,6 +143,7 @@ def test_bad_flag_values_exit_with_a_clear_error_before_loading(tmp_path):
         (("--override-generation-config", "{not json"), "not valid JSON"),
         (("--chat-template", str(tmp_path / "missing.jinja")), "neither a file nor a Jinja"),
         (("--max-num-seqs", "0"), "max_num_seqs"),
+        (("--speculative-tokens", "8"), "num_speculative_tokens must be in 0..7"),
         (("--max-sessions", "0"), "--max-sessions must be >= 1"),
         (("--owner-probe-timeout-s", "0"), "--owner-probe-timeout-s must be > 0"),
     ]
