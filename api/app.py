@@ -56,6 +56,8 @@ async def metrics(request: Request) -> Response:
     state.metrics.requests_running.set(stats.num_running)
     state.metrics.requests_waiting.set(stats.num_waiting)
     state.metrics.engine_steps.set(stats.num_steps)
+    state.metrics.draft_tokens.set(stats.num_draft_tokens)
+    state.metrics.accepted_draft_tokens.set(stats.num_accepted_draft_tokens)
     counts = {s.value: 0 for s in SessionState}
     for session in state.sessions.all_sessions():
         counts[session.state.value] += 1

@@ -113,6 +113,16 @@ class Metrics:
         self.engine_steps = Gauge(
             "tarry_engine_steps", "Engine steps run since start", registry=self.registry
         )
+        self.draft_tokens = Gauge(
+            "tarry_spec_draft_tokens",
+            "Speculative draft tokens (prompt lookup) verified since start",
+            registry=self.registry,
+        )
+        self.accepted_draft_tokens = Gauge(
+            "tarry_spec_accepted_draft_tokens",
+            "Speculative draft tokens the model agreed with since start (each saved a step)",
+            registry=self.registry,
+        )
         self.leases_held = Gauge(
             "tarry_session_leases_held",
             "Session leases this instance holds (several instances sharing Redis)",

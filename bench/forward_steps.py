@@ -6,8 +6,9 @@ Builds an engine (float32, CPU, the 15,360-token pool of ``tarry serve --kv-cach
 0.6592``) from the checkout ``TREE`` (default: this one; pass another worktree to A/B two
 versions, alternating runs) and times ``ModelRunner.execute`` on: pure decode steps of 1, 4, 8
 and 16 sequences with long and short contexts, a 330-token chunk after 3,000 cached tokens (a
-turn's tool result) and the same chunk beside 7 decodes. Blocks are scattered over the pool,
-as after a while of serving. Prints the median of 3 timed runs after one warm-up.
+turn's tool result), the same chunk beside 7 decodes, and speculative steps (each sequence's
+token and its drafts, logits for all of them). Blocks are scattered over the pool, as after a
+while of serving. Prints the median of 3 timed runs after one warm-up.
 """
 
 from __future__ import annotations
@@ -49,6 +50,13 @@ def main() -> None:
     def decode(lengths: list[int]) -> list[SeqChunk]:
         return [SeqChunk([5], n, t, True) for n, t in zip(lengths, tables(lengths), strict=True)]
 
+    def drafting(lengths: list[int], num_tokens: int) -> list[SeqChunk]:
+        """A speculative step: each sequence's token and its drafts, logits for every one."""
+        return [
+            SeqChunk([5] * num_tokens, n, t, True, num_tokens)
+            for n, t in zip(lengths, tables(lengths), strict=True)
+        ]
+
     def mixed(lengths: list[int], chunk: int, cached: int) -> list[SeqChunk]:
         all_tables = tables([*lengths, cached + chunk])
         steps = [SeqChunk([5], n, t, True) for n, t in zip(lengths, all_tables, strict=False)]
@@ -69,6 +77,9 @@ def main() -> None:
         "decode, 8 x 1800 keys": decode([1800] * 8),
         "decode, 16 x 900 keys": decode([900] * 16),
         "decode, 8 x 100 keys": decode([100] * 8),
+        "drafting, 8 x 1800 keys, 2 tokens each": drafting([1800] * 8, 2),
+        "drafting, 8 x 1800 keys, 4 tokens each": drafting([1800] * 8, 4),
+        "drafting, 8 x 100 keys, 4 tokens each": drafting([100] * 8, 4),
         "330-token chunk after 3000 cached": mixed([], 330, 3000),
         "7 decodes x 1500 keys + 330-token chunk after 2000": mixed([1500] * 7, 330, 2000),
     }

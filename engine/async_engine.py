@@ -61,6 +61,8 @@ class EngineStats:
     num_waiting: int = 0
     kv_pool_usage: float = 0.0
     num_steps: int = 0  # steps run since start (constant while nothing is generating)
+    num_draft_tokens: int = 0  # speculative drafts verified since start
+    num_accepted_draft_tokens: int = 0  # of which the model agreed with
 
 
 class EngineDeadError(RuntimeError):
@@ -330,6 +332,8 @@ class AsyncEngine:
             num_waiting=len(scheduler.waiting) + len(scheduler.loading),
             kv_pool_usage=self.engine.kv_manager.usage(),
             num_steps=self.engine.num_steps,
+            num_draft_tokens=self.engine.num_draft_tokens,
+            num_accepted_draft_tokens=self.engine.num_accepted_draft_tokens,
         )
 
     def _fail_all(self, exc: BaseException) -> None:

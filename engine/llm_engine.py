@@ -133,6 +133,8 @@ class LLMEngine:
         # and where they come from (replaceable).
         self.num_speculative_tokens = self.config.speculative_tokens_for(loaded.device.type)
         self.draft_proposer: DraftProposer = propose_ngram_drafts
+        self.num_draft_tokens = 0  # drafts verified since start
+        self.num_accepted_draft_tokens = 0  # of which accepted
 
     def _num_blocks(self, bytes_per_block: int) -> int:
         if self.config.num_kv_blocks is not None:
@@ -293,6 +295,8 @@ class LLMEngine:
         counting each accepted draft as computed before the token after it."""
         tokens = accepted_prefix(request.spec_token_ids, targets)
         note_verification(request, len(request.spec_token_ids), len(tokens) - 1)
+        self.num_draft_tokens += len(request.spec_token_ids)
+        self.num_accepted_draft_tokens += len(tokens) - 1
         request.spec_token_ids = []
         merged: RequestOutput | None = None
         for idx, token_id in enumerate(tokens):

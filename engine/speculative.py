@@ -17,6 +17,18 @@ import torch
 from engine.ngram_proposer import propose_ngram_drafts
 from engine.request import Request
 
+# A request whose drafts were all wrong MISSES_BEFORE_PAUSE verifications in a row stops
+# drafting for a while: first FIRST_PAUSE output tokens, twice as long after each further
+# failed try, at most MAX_PAUSE. A wrong draft costs a query row for nothing (measured,
+# SmolLM2 on 2 cores: 8 sequences x 1800 keys, 1 token each ~160 ms a step, 4 each ~300 ms),
+# so text the lookup cannot predict pays for a try now and then, not every step.
+MISSES_BEFORE_PAUSE = 3
+FIRST_PAUSE = 4
+MAX_PAUSE = 64
+
+# Drafts for a sequence: (its tokens so far, how many at most) -> draft tokens.
+DraftProposer = Callable[[Sequence[int], int], list[int]]
+
 
 def can_speculate(request: Request) -> bool:
     """Greedy on the raw logits, but for ``min_tokens`` bans (see ``split_logits``): no
@@ -45,19 +57,6 @@ def note_verification(request: Request, num_drafted: int, num_accepted: int) -> 
         request.draft_misses = 0
         request.draft_pause = min(MAX_PAUSE, max(FIRST_PAUSE, 2 * request.draft_pause))
         request.drafts_paused_until = request.num_output_tokens + request.draft_pause
-
-
-# A request whose drafts were all wrong MISSES_BEFORE_PAUSE verifications in a row stops
-# drafting for a while: first FIRST_PAUSE output tokens, twice as long after each further
-# failed try, at most MAX_PAUSE. A wrong draft costs a query row for nothing (measured,
-# SmolLM2 on 2 cores: 8 sequences x 1800 keys, 1 token each ~160 ms a step, 4 each ~300 ms),
-# so text the lookup cannot predict pays for a try now and then, not every step.
-MISSES_BEFORE_PAUSE = 3
-FIRST_PAUSE = 4
-MAX_PAUSE = 64
-
-# Drafts for a sequence: (its tokens so far, how many at most) -> draft tokens.
-DraftProposer = Callable[[Sequence[int], int], list[int]]
 
 
 def propose_drafts(

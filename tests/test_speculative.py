@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import httpx
 import pytest
 
 from engine.llm_engine import merge_outputs
@@ -15,6 +16,7 @@ from engine.sampling_params import SamplingParams
 from engine.speculative import FIRST_PAUSE, MISSES_BEFORE_PAUSE, accepted_prefix
 from tests.conftest import TINY_ARCHITECTURES
 from tests.helpers import greedy, hf_greedy, make_engine, mixed_prompts
+from tests.scaleout_helpers import TarryProcess
 
 NUM_TOKENS = 24
 DRAFTS = 3
@@ -184,3 +186,26 @@ def test_a_request_whose_drafts_keep_failing_stops_drafting(tiny_model_dirs):
     assert (MISSES_BEFORE_PAUSE, FIRST_PAUSE) == (3, 4)
     assert [n - len(prompt) for n in calls] == [1, 2, 3, 7, 8, 9, 17, 18, 19]
     assert steps == [NUM_TOKENS]
+
+
+def test_real_tarry_serve_drafts_by_default_and_counts_them(redis_server, tmp_path, smollm2):
+    """The user's path: a plain ``tarry serve`` on the CPU drafts (default 3 tokens), shows it
+    in ``/metrics``, and answers what the engine answers without drafts."""
+    prompt = "Task 1: Deploy new server function.\n\nTask 2: Deploy new server function.\n\n"
+    body = {"model": "tarry", "prompt": prompt, "max_tokens": 40, "temperature": 0}
+    server = TarryProcess(redis_server, tmp_path).start()
+    try:
+        server.wait_ready()
+        reply = httpx.post(server.url + "/v1/completions", json=body, timeout=120).json()
+        metrics = httpx.get(server.url + "/metrics", timeout=10).text
+    finally:
+        server.stop()
+    gauges = {
+        name: float(value)
+        for name, _, value in (line.partition(" ") for line in metrics.splitlines())
+        if name.startswith("tarry_spec_")
+    }
+    assert 0 < gauges["tarry_spec_accepted_draft_tokens"] <= gauges["tarry_spec_draft_tokens"]
+    params = SamplingParams(temperature=0.0, max_tokens=40)
+    without = make_engine(smollm2).generate([prompt], params)[0]
+    assert reply["choices"][0]["text"] == without.new_text
