@@ -203,6 +203,20 @@ def test_prefixes_are_restored_only_for_requests_being_admitted(tiny, prompts):
     engine.check_integrity()
 
 
+def run_to_completion(
+    engine: LLMEngine, outputs: dict[str, list[int]], watched: str
+) -> tuple[int, int]:
+    """Step until every request finished, adding each one's tokens to ``outputs``; the
+    (cached, restored) prompt tokens of request ``watched``."""
+    cached = restored = -1
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            outputs[out.request_id] += out.new_token_ids
+            if out.request_id == watched:
+                cached, restored = out.num_cached_tokens, out.num_restored_tokens
+    return cached, restored
+
+
 def test_a_request_waits_for_room_to_restore_rather_than_recompute(tiny, prompts, expected):
     """When the store holds a prefix but running requests hold the pool, the request waits
     for them to finish and then restores its prefix: no token the store held is recomputed
@@ -225,12 +239,7 @@ def test_a_request_waits_for_room_to_restore_rather_than_recompute(tiny, prompts
         for out in engine.step():
             outputs["busy"] += out.new_token_ids
     engine.add_request("a", first, greedy(6))
-    cached = restored = -1
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            outputs[out.request_id] += out.new_token_ids
-            if out.request_id == "a":
-                cached, restored = out.num_cached_tokens, out.num_restored_tokens
+    cached, restored = run_to_completion(engine, outputs, "a")
     assert outputs["a"] == expected
     reusable = (len(first) - 1) // BLOCK * BLOCK
     assert restored == cached == reusable
@@ -251,12 +260,7 @@ def test_blocks_evicted_earlier_in_the_same_step_are_restored(tiny, prompts, exp
     engine.add_request("evictor", evictor, greedy(2))
     engine.add_request("a", first, greedy(6))  # admitted in the same step, after "evictor"
     outputs: dict[str, list[int]] = {"evictor": [], "a": []}
-    cached = restored = -1
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            outputs[out.request_id] += out.new_token_ids
-            if out.request_id == "a":
-                cached, restored = out.num_cached_tokens, out.num_restored_tokens
+    cached, restored = run_to_completion(engine, outputs, "a")
     assert outputs["a"] == expected
     assert cached == (len(first) - 1) // BLOCK * BLOCK and restored == BLOCK
     engine.check_integrity()
