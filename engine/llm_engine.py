@@ -294,7 +294,7 @@ class LLMEngine:
         """Emit the tokens a drafting request's step yields, one at a time (each may stop it),
         counting each accepted draft as computed before the token after it."""
         tokens = accepted_prefix(request.spec_token_ids, targets)
-        note_verification(request, len(request.spec_token_ids), len(tokens) - 1)
+        note_verification(request, len(tokens) - 1)
         self.num_draft_tokens += len(request.spec_token_ids)
         self.num_accepted_draft_tokens += len(tokens) - 1
         request.spec_token_ids = []
@@ -313,7 +313,7 @@ class LLMEngine:
         params = request.sampling_params
         banned: list[int] = []
         if request.num_output_tokens < params.min_tokens:
-            banned = sorted({*request.eos_token_ids, *params.stop_token_ids})
+            banned = request.banned_before_min_tokens()
         generator = self._states[request.request_id].generator
         return SamplingRow(
             params, generator, banned, request.output_token_ids, request.prompt_token_ids

@@ -54,8 +54,6 @@ class Request:
     # each step): scheduled and computed after the last token, but not in all_token_ids and
     # not counted in num_computed_tokens until the engine has verified them.
     spec_token_ids: list[int] = field(default_factory=list)
-    num_drafted_tokens: int = 0  # draft tokens verified so far
-    num_accepted_drafts: int = 0  # of which the model agreed with
     draft_misses: int = 0  # verifications in a row that accepted no draft
     draft_pause: int = 0  # length of the last pause in drafting (output tokens), 0: none yet
     drafts_paused_until: int = 0  # no drafts before this many output tokens
@@ -75,6 +73,10 @@ class Request:
     @property
     def num_output_tokens(self) -> int:
         return len(self.output_token_ids)
+
+    def banned_before_min_tokens(self) -> list[int]:
+        """EOS and stop tokens: what may not be generated before ``min_tokens`` tokens."""
+        return sorted({*self.eos_token_ids, *self.sampling_params.stop_token_ids})
 
     def append_output_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)

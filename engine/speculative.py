@@ -44,11 +44,9 @@ def can_speculate(request: Request) -> bool:
     )
 
 
-def note_verification(request: Request, num_drafted: int, num_accepted: int) -> None:
-    """Count a verified step's drafts, and pause the request's drafting after
-    ``MISSES_BEFORE_PAUSE`` steps in a row that accepted none (see ``MAX_PAUSE``)."""
-    request.num_drafted_tokens += num_drafted
-    request.num_accepted_drafts += num_accepted
+def note_verification(request: Request, num_accepted: int) -> None:
+    """After a verified step: pause the request's drafting after ``MISSES_BEFORE_PAUSE``
+    steps in a row that accepted no draft (see ``MAX_PAUSE``)."""
     if num_accepted:
         request.draft_misses = request.draft_pause = 0
         return
@@ -88,45 +86,32 @@ def split_logits(
     with drafts, in order, the argmax of each of its rows, EOS and stop tokens banned in the
     rows whose token would come before ``min_tokens``, as ``SamplingRow`` bans them)."""
     plain_rows: list[int] = []
-    draft_rows: list[tuple[int, int]] = []
+    draft_rows: list[int] = []
     drafting: list[Request] = []
-    row = 0
     for request in to_sample:
-        count = 1 + len(request.spec_token_ids)
-        if count == 1:
-            plain_rows.append(row)
-        else:
-            draft_rows.append((row, count))
+        row = len(plain_rows) + len(draft_rows)
+        if request.spec_token_ids:
+            draft_rows.extend(range(row, row + 1 + len(request.spec_token_ids)))
             drafting.append(request)
-        row += count
-    if not draft_rows:
+        else:
+            plain_rows.append(row)
+    if not drafting:
         return logits, []
     device = logits.device
-    wanted = torch.tensor([r for start, n in draft_rows for r in range(start, start + n)])
-    selected = logits.index_select(0, wanted.to(device))  # a copy: bans may write into it
-    _ban_until_min_tokens(selected, drafting)
-    argmax = torch.argmax(selected, dim=-1).tolist()
-    targets, used = [], 0
-    for _, count in draft_rows:
-        targets.append(argmax[used : used + count])
-        used += count
+    selected = logits.index_select(0, torch.tensor(draft_rows).to(device))  # a copy
+    starts = [0]
+    for request in drafting:
+        num_rows = 1 + len(request.spec_token_ids)
+        num_banned = min(num_rows, request.sampling_params.min_tokens - request.num_output_tokens)
+        banned = request.banned_before_min_tokens() if num_banned > 0 else []
+        if banned:
+            first = starts[-1]
+            selected[first : first + num_banned, torch.tensor(banned, device=device)] = -torch.inf
+        starts.append(starts[-1] + num_rows)
+    argmax = torch.argmax(selected, dim=-1).tolist()  # one host copy for every drafting row
+    targets = [argmax[start:end] for start, end in zip(starts, starts[1:], strict=False)]
     plain = logits.index_select(0, torch.tensor(plain_rows, dtype=torch.long).to(device))
     return plain, targets
-
-
-def _ban_until_min_tokens(logits: torch.Tensor, drafting: list[Request]) -> None:
-    """In place, on the rows of ``drafting`` (``1 + len(drafts)`` each, in order): forbid EOS
-    and stop tokens in the rows whose token would come before ``min_tokens``."""
-    row = 0
-    for request in drafting:
-        params = request.sampling_params
-        num_rows = 1 + len(request.spec_token_ids)
-        num_banned_rows = min(num_rows, params.min_tokens - request.num_output_tokens)
-        banned = sorted({*request.eos_token_ids, *params.stop_token_ids})
-        if num_banned_rows > 0 and banned:
-            ids = torch.tensor(banned, device=logits.device)
-            logits[row : row + num_banned_rows, ids] = float("-inf")
-        row += num_rows
 
 
 def accepted_prefix(drafts: list[int], targets: list[int]) -> list[int]:

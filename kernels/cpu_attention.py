@@ -42,7 +42,7 @@ MAX_GROUP_KEYS = 4096
 # for all its tokens); longer queries are prefills for SDPA, whose matrix products win there.
 # (SmolLM2-135M steps of 8 sequences x 1800 keys, bench/forward_steps.py shapes: 5-token
 # queries took 365 ms through the kernel and 490 ms through SDPA.)
-NATIVE_MAX_QUERY_LEN = 8
+NATIVE_MAX_QUERY_LEN = cpu_native.MAX_RUN
 
 
 class SeqSpan(NamedTuple):
